@@ -1,0 +1,25 @@
+"""edgesdk export SOURCE [--target T] [--precision P] -o OUT"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export an HF folder, hub id or .gguf to an ONNX artifact")
+    p.add_argument("source", help="HF model folder, hub id (org/name), .gguf file, or pkg:DIST")
+    p.add_argument("--target", default="cpu", help="target profile name or .yaml path (default: cpu)")
+    p.add_argument("--precision", default=None, help="int4, int8, fp16 or fp32 (default: the target's)")
+    p.add_argument("-o", "--output", default=None, help="artifact folder to create")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--context-length", type=int, default=None, help="cap the model's context (KV cache size)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(fn=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..exporters import export
+
+    out = export(a.source, a.target, a.output, precision=a.precision, force=a.force,
+                 context_length=a.context_length, quiet=a.quiet)
+    print(out)
+    return 0

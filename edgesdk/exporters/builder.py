@@ -1,0 +1,74 @@
+"""The builder recipe: onnxruntime-genai's model builder makes the graph
+(GroupQueryAttention, MatMulNBits, fused norms) from an HF folder."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgeSDKError
+from .progress import stage
+
+# onnxruntime-genai builder option names for the profile's quantization settings
+_QUANT_KEYS = {"block_size": "block_size", "accuracy_level": "accuracy_level", "symmetric": "is_symmetric"}
+
+
+def builder_options(precision: str, export_profile: dict[str, Any]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    q = export_profile.get(precision) or {}
+    for key, name in _QUANT_KEYS.items():
+        if key in q:
+            opts[name] = str(q[key]).lower() if isinstance(q[key], bool) else str(q[key])
+    algo = q.get("algorithm")
+    if algo and algo != "rtn":  # the builder's default algorithm is RTN
+        opts["algo_config"] = algo
+    if q.get("mixed_precision"):
+        opts["matmul_mixed_precision"] = q["mixed_precision"]
+    for k, v in (export_profile.get("builder_options") or {}).items():
+        opts[k] = str(v)
+    return opts
+
+
+def build(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, execution_provider: str,
+          options: dict[str, str]) -> None:
+    try:
+        import onnx_ir  # noqa: F401  (the builder needs it but does not declare it)
+        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    except ImportError as e:
+        raise EdgeSDKError(f"exporting needs the export extra ({e.name} is missing): "
+                           "pip install 'edgesdk[export]'") from None
+    kv = [f"{k}={v}" for k, v in options.items()]
+    with stage(f"Building the {precision} graph for {execution_provider} with onnxruntime-genai's model builder"):
+        # The builder prints freely; keep stdout clean for the caller.
+        with contextlib.redirect_stdout(sys.stderr):
+            extra = parse_extra_options(None, str(hf_dir), str(out_dir), precision, execution_provider,
+                                        str(cache_dir), kv)
+            create_model(None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache_dir), **extra)
+
+
+def graph_io(model_path: Path) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Inputs, outputs (name, dtype, shape) and op-type counts of a graph, without its weights."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+
+    def describe(vi) -> dict:
+        t = vi.type.tensor_type
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+    ops: dict[str, int] = {}
+    for n in m.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return [describe(i) for i in m.graph.input], [describe(o) for o in m.graph.output], ops
+
+
+def cap_context(out_dir: Path, context_length: int | None) -> dict:
+    path = out_dir / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    if context_length:
+        cfg["model"]["context_length"] = min(context_length, cfg["model"]["context_length"])
+        cfg["search"]["max_length"] = cfg["model"]["context_length"]
+        path.write_text(json.dumps(cfg, indent=4))
+    return cfg

@@ -1,0 +1,1 @@
+"""Run an artifact: onnxruntime + numpy + tokenizers only (no torch, no transformers)."""

@@ -1,0 +1,169 @@
+"""The generation loop: token sources (plain decoding here, speculative in speculative.py)
+feed a driver that handles EOS, stop strings, length and context limits, streaming text and
+timings. A token source is an iterator of (tokens, from_draft) steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import sampling
+from .decoder import Decoder
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+TokenSource = Iterator[tuple[list[int], bool]]
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        sampling.validate(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.max_new_tokens)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise sampling.InvalidArgumentError("stop must be a list of non-empty strings")
+
+    def sampler(self) -> Callable[[np.ndarray, Sequence[int]], int]:
+        """(logits, context) -> token, with the repetition penalty applied first."""
+        pick = sampling.sampler(self.temperature, self.top_k, self.top_p, np.random.default_rng(self.seed))
+        penalize = sampling.repetition_penalty(self.repetition_penalty)
+        if penalize is None:
+            return lambda logits, context: pick(logits)
+        return lambda logits, context: pick(penalize(logits, context))
+
+
+@dataclass
+class GenerationChunk:
+    text: str
+    token_ids: list[int]
+    from_draft: bool = False
+    finish_reason: str | None = None  # set on the last chunk: "stop", "length" or "context"
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    total_s: float
+    prefilled_tokens: int  # prompt tokens actually computed (fewer when a cached prefix was reused)
+    speculative: dict[str, Any] | None = field(default=None)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def plain_tokens(decoder: Decoder, prompt_ids: Sequence[int], pending: Sequence[int],
+                 pick: Callable[[np.ndarray, Sequence[int]], int]) -> TokenSource:
+    """One target forward per token. ``pending`` are the prompt tokens not yet in the cache."""
+    context = list(prompt_ids)
+    logits = decoder.forward(pending)[-1]
+    while True:
+        tok = pick(logits, context)
+        context.append(tok)
+        yield [tok], False
+        logits = decoder.forward([tok])[-1]
+
+
+class Driver:
+    """Consumes a token source, applies the stopping rules and produces chunks + a result."""
+
+    def __init__(self, tokenizer: Tokenizer, config: GenerationConfig, eos_ids: set[int],
+                 prompt_tokens: int, room: int, prefilled: int, started: float):
+        self.tok = tokenizer
+        self.cfg = config
+        self.eos = eos_ids
+        self.prompt_tokens = prompt_tokens
+        self.budget = min(config.max_new_tokens, room)
+        self.limit_reason = "length" if config.max_new_tokens <= room else "context"
+        self.prefilled = prefilled
+        self.started = started
+        self.detok = IncrementalDecoder(tokenizer)
+        self.tokens: list[int] = []
+        self.emitted = 0  # chars of detok.text already handed out
+        self.first_at: float | None = None
+        self.finish_reason: str | None = None
+        self.text_end: int | None = None  # set when a stop string truncates the text
+        self.hold = max((len(s) for s in config.stop), default=1) - 1
+        self.stats: dict[str, Any] | None = None
+
+    def run(self, source: TokenSource) -> Iterator[GenerationChunk]:
+        try:
+            for new, from_draft in source:
+                if self.first_at is None:
+                    self.first_at = time.perf_counter()
+                kept = []
+                for t in new:
+                    kept.append(t)
+                    if t in self.eos:
+                        self.finish_reason = "stop"
+                        break
+                    if len(self.tokens) + len(kept) >= self.budget:
+                        self.finish_reason = self.limit_reason
+                        break
+                self.tokens.extend(kept)
+                visible = [t for t in kept if t not in self.eos]
+                self.detok.add(visible)
+                if self.finish_reason is None and self.cfg.stop:
+                    self._check_stop()
+                chunk = self._chunk(kept, from_draft)
+                if chunk is not None:
+                    yield chunk
+                if self.finish_reason:
+                    return
+        finally:
+            self.ended = time.perf_counter()
+            if hasattr(source, "close"):
+                source.close()
+
+    def _check_stop(self) -> None:
+        text = self.detok.text
+        start = max(0, self.emitted - self.hold)
+        hits = [i for i in (text.find(s, start) for s in self.cfg.stop) if i >= 0]
+        if hits:
+            self.text_end = min(hits)
+            self.finish_reason = "stop"
+
+    def _chunk(self, kept: list[int], from_draft: bool) -> GenerationChunk | None:
+        if self.finish_reason and self.text_end is None:
+            self.detok.finish()
+        text = self.detok.text if self.text_end is None else self.detok.text[: self.text_end]
+        end = len(text)
+        if not self.finish_reason and self.cfg.stop:
+            # hold back a tail that could be the start of a stop string
+            for k in range(min(self.hold, end - self.emitted), 0, -1):
+                if any(s.startswith(text[end - k:]) for s in self.cfg.stop):
+                    end -= k
+                    break
+        out = text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        if not out and not self.finish_reason:
+            return None if not kept else GenerationChunk("", kept, from_draft)
+        return GenerationChunk(out, kept, from_draft, self.finish_reason)
+
+    def result(self) -> GenerationResult:
+        text = self.detok.text if self.text_end is None else self.detok.text[: self.text_end]
+        first = self.first_at or self.ended
+        n = len(self.tokens)
+        decode_s = self.ended - first
+        return GenerationResult(
+            text=text, token_ids=list(self.tokens), finish_reason=self.finish_reason or self.limit_reason,
+            prompt_tokens=self.prompt_tokens, generated_tokens=n,
+            time_to_first_token_s=first - self.started,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=self.ended - self.started, prefilled_tokens=self.prefilled, speculative=self.stats)

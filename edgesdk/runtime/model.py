@@ -1,0 +1,173 @@
+"""Model: an artifact loaded for inference. ``edgesdk.load`` returns one."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .. import artifact as _artifact
+from ..errors import ContextOverflowError, InvalidArgumentError
+from .decoder import Decoder
+from .generate import Driver, GenerationChunk, GenerationConfig, GenerationResult, plain_tokens
+from .session import create_session
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("edgesdk")
+
+
+class Model:
+    def __init__(self, art: _artifact.Artifact, providers: list[tuple[str, dict[str, Any]]],
+                 notes: list[str] | None = None, max_length: int | None = None,
+                 threads: int | None = None, spinning: bool = True):
+        t0 = time.perf_counter()
+        self.artifact = art
+        self.manifest = art.manifest
+        self.path = art.path
+        genai = art.genai_config
+        context = genai["model"]["context_length"]
+        if max_length is not None and not 1 < max_length:
+            raise InvalidArgumentError(f"max_length={max_length} is invalid: it must be > 1")
+        self.max_length = min(max_length or context, context)
+        self.session = create_session(art.model_path, providers, threads, spinning)
+        self.providers = self.session.get_providers()
+        self.provider_notes = notes or []
+        device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.decoder = Decoder(self.session, genai, self.max_length, device=device)
+        self.tokenizer = Tokenizer(art.path)
+        gen = self.manifest.get("generation", {})
+        self.eos_token_ids = set(gen.get("eos_token_ids") or [])
+        self._cached: list[int] = []  # token ids whose keys/values are in the cache, in order
+        self.load_s = time.perf_counter() - t0
+
+    def __repr__(self) -> str:
+        return (f"Model({str(self.path)!r}, precision={self.manifest.get('precision')!r}, "
+                f"providers={self.providers}, max_length={self.max_length})")
+
+    # -- prompts ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidArgumentError("pass exactly one of prompt= or messages=")
+        if messages is not None:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be a string, not {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not ids:
+            raise InvalidArgumentError("the prompt is empty; pass some text")
+        return ids
+
+    # -- generation ------------------------------------------------------------------------
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+               reuse_cache: bool = False, **settings: Any) -> Iterator[GenerationChunk]:
+        """Yield text chunks as they are generated; see ``generate`` for the settings.
+
+        The generator's ``result`` attribute holds the GenerationResult once it is exhausted.
+        """
+        return _Stream(self, self._start(prompt, messages, reuse_cache, settings))
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None,
+                 reuse_cache: bool = False) -> GenerationResult:
+        """Generate a completion of ``prompt`` (or of ``messages`` through the chat template).
+
+        Greedy by default (temperature=0). ``reuse_cache=True`` keeps the cached prefix that the
+        new prompt shares with the previous call (multi-turn chat prefills only the new turn).
+        """
+        stream = self.stream(prompt, messages=messages, reuse_cache=reuse_cache,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def _start(self, prompt, messages, reuse_cache, settings) -> Driver:
+        started = time.perf_counter()
+        cfg = GenerationConfig(**settings)
+        cfg.validate()
+        ids = self.encode_prompt(prompt, messages)
+        if len(ids) > self.max_length:
+            raise ContextOverflowError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_length}; shorten it")
+        keep = 0
+        if reuse_cache:
+            limit = min(len(self._cached), len(ids) - 1)  # recompute at least the last prompt token
+            while keep < limit and self._cached[keep] == ids[keep]:
+                keep += 1
+        self.decoder.rewind(keep)
+        self._cached = list(ids[:keep])
+        driver = Driver(self.tokenizer, cfg, self.eos_token_ids, prompt_tokens=len(ids),
+                        room=self.max_length - len(ids) + 1, prefilled=len(ids) - keep, started=started)
+        driver.source = plain_tokens(self.decoder, ids, ids[keep:], cfg.sampler())
+        driver.prompt_ids = ids
+        return driver
+
+    def _finish(self, driver: Driver) -> None:
+        every = driver.prompt_ids + driver.tokens
+        self._cached = every[: self.decoder.length]
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        self.decoder.rewind(0)
+        self._cached = []
+
+    def chat(self, system: str | None = None) -> "Chat":
+        return Chat(self, system)
+
+
+class _Stream:
+    def __init__(self, model: Model, driver: Driver):
+        self._model = model
+        self._driver = driver
+        self._it = driver.run(driver.source)
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> GenerationChunk:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._model._finish(self._driver)
+            self.result = self._driver.result()
+            raise
+
+
+class Chat:
+    """A multi-turn conversation that keeps the KV cache between turns."""
+
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def send(self, text: str, **settings: Any) -> Iterator[GenerationChunk]:
+        self.messages.append({"role": "user", "content": text})
+        stream = self.model.stream(messages=self.messages, reuse_cache=True, **settings)
+        reply = []
+        for chunk in stream:
+            reply.append(chunk.text)
+            yield chunk
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+        self.last = stream.result
+
+
+def load(path: str | os.PathLike, target: str = "auto", *, max_length: int | None = None,
+         threads: int | None = None, verify: bool = True, strict: bool = False,
+         prefer: str | None = None) -> Model:
+    """Load an artifact folder made by ``edgesdk export``.
+
+    target: "auto" picks the best provider the artifact was built for that this machine has;
+    a target name (e.g. "cpu") forces that profile's providers. max_length caps the KV cache
+    (default: the model's context). verify=False skips the sha256 check of the files.
+    """
+    from ..targets import resolve  # local: keeps `import edgesdk` light
+
+    art = _artifact.read(path, verify=verify)
+    providers, notes = resolve(art.manifest, target, strict=strict, prefer=prefer)
+    for note in notes:
+        log.info(note)
+    return Model(art, providers, notes, max_length=max_length, threads=threads)
