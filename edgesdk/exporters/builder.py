@@ -45,7 +45,20 @@ def build(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, executio
         with contextlib.redirect_stdout(sys.stderr):
             extra = parse_extra_options(None, str(hf_dir), str(out_dir), precision, execution_provider,
                                         str(cache_dir), kv)
+            if "hf_details" in extra:
+                _flatten_rope(extra["hf_details"]["hf_config"])
             create_model(None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache_dir), **extra)
+
+
+def _flatten_rope(config) -> None:
+    """transformers 5 nests RoPE settings per layer type (Gemma 3: full/sliding attention); the
+    builder reads the flat form (rope_parameters for global layers, rope_local_base_freq)."""
+    rp = getattr(config, "rope_parameters", None)
+    if isinstance(rp, dict) and "full_attention" in rp and "rope_type" not in rp:
+        full, local = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
+        config.rope_parameters = dict(full)
+        config.rope_theta = full["rope_theta"]
+        config.rope_local_base_freq = local["rope_theta"]
 
 
 def graph_io(model_path: Path) -> tuple[list[dict], list[dict], dict[str, int]]:
