@@ -13,13 +13,23 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--context-length", type=int, default=None, help="cap the model's context (KV cache size)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--eval-text", default=None, metavar="FILE",
+                   help="then measure perplexity on FILE and print the delta against an FP32 reference export")
     p.set_defaults(fn=run)
 
 
 def run(a: argparse.Namespace) -> int:
     from ..exporters import export
 
+    if a.eval_text:
+        from ..evaluate import read_text
+
+        read_text(a.eval_text)  # refuse a missing or empty file before a long export
     out = export(a.source, a.target, a.output, precision=a.precision, force=a.force,
                  context_length=a.context_length, quiet=a.quiet)
     print(out)
+    if a.eval_text:
+        from ..evaluate import export_quality
+
+        print(export_quality(a.source, out, a.eval_text, context_length=a.context_length), flush=True)
     return 0
