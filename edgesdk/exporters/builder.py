@@ -2,14 +2,12 @@
 (GroupQueryAttention, MatMulNBits, fused norms) from an HF folder."""
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeSDKError
-from .progress import stage
+from .progress import library_output, stage
 
 # onnxruntime-genai builder option names for the profile's quantization settings
 _QUANT_KEYS = {"block_size": "block_size", "accuracy_level": "accuracy_level", "symmetric": "is_symmetric"}
@@ -41,8 +39,7 @@ def build(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, executio
                            "pip install 'edgesdk[export]'") from None
     kv = [f"{k}={v}" for k, v in options.items()]
     with stage(f"Building the {precision} graph for {execution_provider} with onnxruntime-genai's model builder"):
-        # The builder prints freely; keep stdout clean for the caller.
-        with contextlib.redirect_stdout(sys.stderr):
+        with library_output():
             extra = parse_extra_options(None, str(hf_dir), str(out_dir), precision, execution_provider,
                                         str(cache_dir), kv)
             if "hf_details" in extra:
@@ -84,4 +81,36 @@ def cap_context(out_dir: Path, context_length: int | None) -> dict:
         cfg["model"]["context_length"] = min(context_length, cfg["model"]["context_length"])
         cfg["search"]["max_length"] = cfg["model"]["context_length"]
         path.write_text(json.dumps(cfg, indent=4))
+    return cfg
+
+
+def write_runtime_options(out_dir: Path, providers: list[dict[str, Any]], threads: int | None) -> dict:
+    """Put the profile's provider options (and thread count) into genai_config.json, so that
+    onnxruntime-genai's own runtimes make the same choice edgesdk's does.
+
+    The builder writes its graph-specific options (e.g. DML graph capture) for the EP it built
+    for; the profile's options are merged over them, in the profile's order, CPU left out
+    (genai always has it). Provider names are genai's short ones ("dml", "cuda", "qnn").
+    """
+    from ..targets.eps import KNOWN, option_strings
+
+    path = out_dir / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    so = cfg["model"]["decoder"].setdefault("session_options", {})
+    built: dict[str, dict[str, str]] = {}
+    for entry in so.get("provider_options") or []:
+        built.update(entry)
+    merged: dict[str, dict[str, str]] = {}
+    for p in providers:
+        short = KNOWN[p["name"]].short if p["name"] in KNOWN else ""
+        if not short or short == "cpu":
+            continue
+        merged.setdefault(short, dict(built.get(short, {})))
+        merged[short].update(option_strings(p.get("options")))
+    for short, opts in built.items():  # keep what the builder wrote even if the profile lacks it
+        merged.setdefault(short, opts)
+    so["provider_options"] = [{k: v} for k, v in merged.items()]
+    if threads:
+        so["intra_op_num_threads"] = int(threads)
+    path.write_text(json.dumps(cfg, indent=4))
     return cfg

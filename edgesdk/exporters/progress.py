@@ -24,3 +24,17 @@ def stage(what: str):
     t = time.perf_counter()
     yield
     say(f"    done in {time.perf_counter() - t:.1f}s")
+
+
+@contextlib.contextmanager
+def library_output():
+    """Libraries doing the work print progress freely: send it to stderr (stdout stays clean
+    for results), or nowhere when quiet."""
+    if _quiet:
+        import os
+
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            yield
+    else:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError, UnsupportedArchitectureError
-from .progress import stage
+from .progress import library_output, stage
 
 # HF architecture -> the builder's name for it. Each one is covered by a parity test.
 SUPPORTED = {
@@ -196,12 +196,13 @@ def prepare(src: Source, workdir: Path) -> Path:
     folder, name = str(src.path.parent), src.path.name
     with stage(f"Dequantizing {name} ({src.gguf_type or 'gguf'}) with transformers"):
         try:
-            config = AutoConfig.from_pretrained(folder, gguf_file=name)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            with library_output():
+                config = AutoConfig.from_pretrained(folder, gguf_file=name)
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+                loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         except Exception as e:
             raise SourceError(f"transformers cannot read {src.path}: {str(e).splitlines()[0][:200]}") from None
-    with stage("Writing a temporary Hugging Face folder"):
+    with stage("Writing a temporary Hugging Face folder"), library_output():
         config.architectures = [src.architecture]
         # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from the config.
         with torch.device("meta"):

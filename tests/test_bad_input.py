@@ -1,0 +1,149 @@
+"""Bad input: one line saying what is wrong, non-zero exit, no traceback, nothing half-written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import edgesdk
+from edgesdk.errors import ArtifactError, ChecksumError, EdgeSDKError
+from conftest import ROOT, run_cli, smollm2_gguf
+
+
+def one_line_error(p: subprocess.CompletedProcess, *needles: str) -> str:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, p.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def no_leftovers(folder):
+    return not [f for f in folder.iterdir() if ".partial-" in f.name or ".edgesdk-work-" in f.name]
+
+
+def test_missing_source(tmp_path):
+    p = run_cli("export", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    one_line_error(p, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_source_file(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    one_line_error(run_cli("export", str(f), "-o", str(tmp_path / "out")), "neither a model folder nor a .gguf")
+
+
+def test_unsupported_architecture(tmp_path, tiny):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny.model("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run_cli("export", str(folder), "-o", str(tmp_path / "out")), "GPT2LMHeadModel", "Qwen3", "Gemma 2")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_gguf(tmp_path, damage):
+    bad = tmp_path / "model.gguf"
+    if damage == "truncated":
+        with open(smollm2_gguf(), "rb") as f:
+            bad.write_bytes(f.read(5_000_000))
+    else:
+        bad.write_bytes(b"GGUF" + os.urandom(4096))
+    out = tmp_path / "out"
+    one_line_error(run_cli("export", str(bad), "-o", str(out)), "not a readable GGUF")
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_unknown_precision(tiny, tmp_path):
+    one_line_error(run_cli("export", str(tiny.model("llama")), "--precision", "int3", "-o", str(tmp_path / "o")),
+                   "unknown precision 'int3'", "int4")
+
+
+def test_output_exists_refused_then_forced(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    one_line_error(run_cli("export", str(tiny.model("llama")), "--precision", "fp32", "-o", str(out)), "--force")
+    assert (out / "keep.txt").read_text() == "mine"  # untouched
+    p = run_cli("export", str(tiny.model("llama")), "--precision", "fp32", "-o", str(out), "--force", "-q")
+    assert p.returncode == 0, p.stderr
+    assert not (out / "keep.txt").exists() and (out / "edgesdk.json").exists()
+    assert p.stderr == ""  # --quiet
+
+
+def test_interrupted_export_leaves_nothing(tmp_path):
+    out = tmp_path / "smol"
+    proc = subprocess.Popen([sys.executable, "-m", "edgesdk", "export", str(smollm2_gguf()), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stderr:  # wait until the export is writing
+        if "Dequantizing" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    proc.stderr.read()
+    assert proc.wait(timeout=120) != 0
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+@pytest.fixture()
+def artifact_copy(tiny, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(tiny.export("llama", "fp32"), dst)
+    return dst
+
+
+def test_tampered_file_fails_checksum(artifact_copy):
+    tok = artifact_copy / "tokenizer.json"
+    data = bytearray(tok.read_bytes())
+    i = data.index(b'"<|im_end|>"')
+    data[i + 3] = ord("X")  # same size, different content
+    tok.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="tokenizer.json fails its sha256"):
+        edgesdk.load(artifact_copy)
+    one_line_error(run_cli("run", str(artifact_copy), "hi"), "sha256")
+    one_line_error(run_cli("info", str(artifact_copy)), "sha256")
+
+
+def test_truncated_model_onnx(artifact_copy):
+    model = artifact_copy / "model.onnx"
+    size = model.stat().st_size
+    model.write_bytes(model.read_bytes()[:1000])
+    one_line_error(run_cli("run", str(artifact_copy), "hi"), "model.onnx", "truncated")
+    model.write_bytes(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))  # same size: only onnxruntime notices
+    with pytest.raises(ArtifactError, match="cannot load .*model.onnx.*corrupt"):
+        edgesdk.load(artifact_copy, verify=False)
+
+
+def test_missing_file_and_not_an_artifact(artifact_copy, tmp_path):
+    (artifact_copy / "model.onnx.data").unlink()
+    one_line_error(run_cli("run", str(artifact_copy), "hi"), "model.onnx.data is missing")
+    one_line_error(run_cli("run", str(tmp_path / "none"), "hi"), "no artifact")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_cli("info", str(tmp_path / "empty")), "not an edgesdk artifact")
+
+
+def test_prompt_longer_than_context(tiny):
+    p = run_cli("run", str(tiny.export("llama", "fp32")), "word " * 300)
+    one_line_error(p, "context holds 256")
+
+
+@pytest.mark.parametrize("args,needle", [(["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top_p"),
+                                         (["--top-p", "1.5"], "top_p"), (["--max-new-tokens", "0"], "max_new_tokens")])
+def test_invalid_sampling_cli(tiny, args, needle):
+    one_line_error(run_cli("run", str(tiny.export("llama", "fp32")), "hi", *args), needle)
+
+
+def test_api_errors_are_edgesdk_errors(tiny):
+    with pytest.raises(EdgeSDKError):
+        edgesdk.export("/definitely/not/here", out="/tmp/x-edgesdk-never")
+    assert not os.path.exists("/tmp/x-edgesdk-never")
