@@ -1,3 +1,3 @@
 """One module per CLI verb. Each defines ``register(subparsers)``; VERBS lists them in help order."""
 
-VERBS = ["export", "info", "run", "chat", "bench", "eval"]
+VERBS = ["export", "info", "run", "chat", "bench", "eval", "targets", "doctor"]

@@ -6,6 +6,8 @@ import argparse
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="auto", help="runtime target (default: auto)")
+    p.add_argument("--prefer", default=None, help="device kind (npu, gpu, cpu) or provider to try first")
+    p.add_argument("--strict", action="store_true", help="fail instead of falling back to another provider")
     p.add_argument("--max-length", type=int, default=None, help="cap the KV cache (default: model context)")
     p.add_argument("--threads", type=int, default=None)
 
@@ -28,4 +30,5 @@ def settings(a: argparse.Namespace) -> dict:
 def load_model(a: argparse.Namespace, **extra):
     from ..runtime.model import load
 
-    return load(a.artifact, target=a.target, max_length=a.max_length, threads=a.threads, **extra)
+    return load(a.artifact, target=a.target, max_length=a.max_length, threads=a.threads,
+                prefer=getattr(a, "prefer", None), strict=getattr(a, "strict", False), **extra)

@@ -47,16 +47,17 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
     """Export ``source`` (HF folder, hub id, .gguf or pkg:DIST) for ``target`` into the folder ``out``."""
     set_quiet(quiet)
     profile = targets.load(target)
+    recipe = profile.export.get("recipe", "builder")
+    if recipe != "builder":
+        raise TargetError(f"cannot export for {profile.name} yet: it needs the {recipe}-shape recipe, which edgesdk "
+                          f"does not have yet; `--target {profile.name}` at load time runs artifacts built elsewhere")
     precision = precision or profile.export["precision"]
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
     if precision not in profile.precisions:
         raise InvalidArgumentError(f"target {profile.name} does not support {precision}; "
                                    f"it supports {', '.join(profile.precisions)}")
-    recipe = profile.export.get("recipe", "builder")
-    if recipe != "builder":
-        raise TargetError(f"exporting for {profile.name} needs the '{recipe}' recipe (static shapes), which is "
-                          f"not available yet; its runtime profile can load artifacts built elsewhere")
+    context_length = context_length or profile.export.get("context_length")
     if context_length is not None and context_length < 2:
         raise InvalidArgumentError(f"context_length={context_length} is invalid: it must be at least 2")
     out = Path(out or f"build/{Path(str(source)).stem.replace(':', '-')}-{profile.name}-{precision}").absolute()
@@ -75,7 +76,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         finally:
             shutil.rmtree(work, ignore_errors=True)
         with stage("Writing the manifest"):
-            genai = builder.cap_context(tmp, context_length)
+            builder.cap_context(tmp, context_length)
+            genai = builder.write_runtime_options(tmp, profile.providers, profile.runtime.get("threads"))
             inputs, outputs, ops = builder.graph_io(tmp / genai["model"]["decoder"]["filename"])
             manifest = {
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -98,7 +100,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
                     "outputs": outputs,
                     "op_types": ops,
                 },
-                "runtime": {"providers": profile.providers, "kv_cache": profile.runtime.get("kv_cache", "shared-buffer")},
+                "runtime": {"providers": profile.providers, "kv_cache": profile.runtime.get("kv_cache", "shared-buffer"),
+                            **({"threads": profile.runtime["threads"]} if profile.runtime.get("threads") else {})},
                 "generation": {
                     "eos_token_ids": _eos_ids(hf_dir, genai),
                     "bos_token_id": genai["model"].get("bos_token_id"),

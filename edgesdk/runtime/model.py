@@ -30,9 +30,9 @@ class Model:
         if max_length is not None and not 1 < max_length:
             raise InvalidArgumentError(f"max_length={max_length} is invalid: it must be > 1")
         self.max_length = min(max_length or context, context)
-        self.session = create_session(art.model_path, providers, threads, spinning)
+        self.provider_notes = list(notes or [])  # create_session adds the providers it had to skip
+        self.session = create_session(art.model_path, providers, threads, spinning, notes=self.provider_notes)
         self.providers = self.session.get_providers()
-        self.provider_notes = notes or []
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.decoder = Decoder(self.session, genai, self.max_length, device=device)
         self.tokenizer = Tokenizer(art.path)
@@ -164,10 +164,11 @@ def load(path: str | os.PathLike, target: str = "auto", *, max_length: int | Non
     a target name (e.g. "cpu") forces that profile's providers. max_length caps the KV cache
     (default: the model's context). verify=False skips the sha256 check of the files.
     """
-    from ..targets import resolve  # local: keeps `import edgesdk` light
+    from ..targets import plan, report  # local: keeps `import edgesdk` light
 
     art = _artifact.read(path, verify=verify)
-    providers, notes = resolve(art.manifest, target, strict=strict, prefer=prefer)
-    for note in notes:
-        log.info(note)
-    return Model(art, providers, notes, max_length=max_length, threads=threads)
+    chosen = plan(art.manifest, target, strict=strict, prefer=prefer)
+    providers, notes, threads = chosen.providers, chosen.notes, threads or chosen.threads
+    model = Model(art, providers, notes, max_length=max_length, threads=threads)
+    report(log, art.path, model.providers, model.provider_notes)
+    return model

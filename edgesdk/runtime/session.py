@@ -7,7 +7,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, TargetError
 
 
 def physical_cores() -> int:
@@ -54,12 +54,58 @@ def session_options(threads: int | None = None, spinning: bool = True,
 
 def create_session(model_path: Path, providers: list[tuple[str, dict[str, Any]]] | None = None,
                    threads: int | None = None, spinning: bool = True,
-                   extra: dict[str, str] | None = None) -> ort.InferenceSession:
-    providers = providers or [("CPUExecutionProvider", {})]
-    try:
-        return ort.InferenceSession(str(model_path), sess_options=session_options(threads, spinning, extra),
-                                    providers=[p for p, _ in providers],
-                                    provider_options=[o for _, o in providers])
-    except Exception as e:  # onnxruntime raises its own exception types for a bad file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ArtifactError(f"cannot load {model_path}: {msg[:300]}; the file is corrupt or incomplete, re-export it") from None
+                   extra: dict[str, str] | None = None, notes: list[str] | None = None) -> ort.InferenceSession:
+    """A session on the first of ``providers`` that works here, falling back along the list.
+
+    A provider that fails to initialise (its probe or the session itself fails, or onnxruntime
+    drops it) is skipped with a line appended to ``notes``; the last one left must work. A
+    single-entry list (what strict=True resolves to) therefore never falls back.
+    """
+    from ..targets import eps
+
+    remaining = list(providers or [(eps.CPU, {})])
+    notes = notes if notes is not None else []
+    while True:
+        name, options = remaining[0]
+        last = len(remaining) == 1
+        how, why = "builtin", None
+        if name != eps.CPU:
+            how, why = eps.availability({"name": name, "options": options})
+            if how is not None:
+                why = eps.probe(name, options, how)
+        if why is None:
+            try:
+                sess = _open(model_path, remaining, how, threads, spinning, extra)
+            except Exception as e:  # onnxruntime raises its own exception types
+                msg = eps.first_line(e)
+                if name == eps.CPU or last:
+                    if name != eps.CPU:
+                        raise TargetError(f"{name} cannot run {model_path.name} here: {msg}") from None
+                    raise ArtifactError(f"cannot load {model_path}: {msg[:300]}; the file is corrupt or "
+                                        "incomplete, re-export it") from None
+                why = f"failed to create the session: {msg}"
+            else:
+                if name == eps.CPU or name in sess.get_providers():
+                    return sess
+                why = "onnxruntime dropped it when creating the session"
+        if last:
+            raise TargetError(f"{name} cannot run here: {why}")
+        notes.append(f"skipped {name}: {why}")
+        remaining = remaining[1:]
+
+
+def _open(model_path: Path, providers: list[tuple[str, dict[str, Any]]], how: str | None,
+          threads: int | None, spinning: bool, extra: dict[str, str] | None) -> ort.InferenceSession:
+    from ..targets import eps
+
+    so = session_options(threads, spinning, extra)
+    name, options = providers[0]
+    if how == "plugin":  # plugin EPs come through the session options; nodes it lacks run on the CPU
+        eps.add_to_session_options(so, name, options)
+        with eps.native_stdout_to_stderr():
+            return ort.InferenceSession(str(model_path), sess_options=so)
+    # Classic EPs: this one and the classic ones after it (onnxruntime assigns nodes in this order).
+    classic = [(n, o) for i, (n, o) in enumerate(providers)
+               if i == 0 or (n in ort.get_available_providers() and not eps.is_plugin(n))]
+    return ort.InferenceSession(str(model_path), sess_options=so, providers=[n for n, _ in classic],
+                                provider_options=[eps.option_strings(o) for _, o in classic])
