@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--eval-text", default=None, metavar="FILE",
                    help="then measure perplexity on FILE and print the delta against an FP32 reference export")
+    p.add_argument("--draft", default=None, metavar="DRAFT_SOURCE",
+                   help="also export this smaller model (same tokenizer) as a bundled speculative-decoding draft")
+    p.add_argument("--draft-precision", default=None, help="the draft's precision (default: the same as the model's)")
     p.set_defaults(fn=run)
 
 
@@ -26,7 +29,7 @@ def run(a: argparse.Namespace) -> int:
 
         read_text(a.eval_text)  # refuse a missing or empty file before a long export
     out = export(a.source, a.target, a.output, precision=a.precision, force=a.force,
-                 context_length=a.context_length, quiet=a.quiet)
+                 context_length=a.context_length, quiet=a.quiet, draft=a.draft, draft_precision=a.draft_precision)
     print(out)
     if a.eval_text:
         from ..evaluate import export_quality

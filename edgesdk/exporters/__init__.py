@@ -43,8 +43,13 @@ def _eos_ids(hf_dir: Path, genai: dict) -> list[int]:
 
 def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLike | None = None, *,
            precision: str | None = None, force: bool = False, context_length: int | None = None,
-           quiet: bool = False) -> Path:
-    """Export ``source`` (HF folder, hub id, .gguf or pkg:DIST) for ``target`` into the folder ``out``."""
+           quiet: bool = False, draft: str | os.PathLike | None = None,
+           draft_precision: str | None = None) -> Path:
+    """Export ``source`` (HF folder, hub id, .gguf or pkg:DIST) for ``target`` into the folder ``out``.
+
+    ``draft``: a second source (same tokenizer) exported for the same target into ``out/draft``
+    and recorded in the manifest; ``edgesdk.load(out)`` then decodes speculatively with it.
+    """
     set_quiet(quiet)
     profile = targets.load(target)
     recipe = profile.export.get("recipe", "builder")
@@ -75,6 +80,9 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
             builder.build(hf_dir, tmp, work / "cache", precision, ep, builder.builder_options(precision, profile.export))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if draft is not None:
+            draft_entry = _bundle_draft(draft, profile.name, tmp, draft_precision or precision, context_length, quiet)
+            set_quiet(quiet)
         with stage("Writing the manifest"):
             builder.cap_context(tmp, context_length)
             genai = builder.write_runtime_options(tmp, profile.providers, profile.runtime.get("threads"))
@@ -112,12 +120,27 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
                     "temperature": 0.0,
                 },
             }
+            if draft is not None:
+                manifest["draft"] = draft_entry
             artifact.write_manifest(tmp, manifest)
         if profile.device == "cpu":
             with stage("Checking the artifact loads and runs"):
                 _smoke_test(tmp)
     say(f"==> Wrote {out}")
     return out
+
+
+def _bundle_draft(draft, target: str, folder: Path, precision: str, context_length: int | None,
+                  quiet: bool) -> dict[str, Any]:
+    """Export the draft into folder/draft and check that it shares the target's tokenizer."""
+    from ..runtime.speculative import check_tokenizers
+    from ..runtime.tokenizer import Tokenizer
+
+    say(f"==> Exporting the draft model {draft}")
+    sub = export(draft, target, folder / "draft", precision=precision, context_length=context_length, quiet=quiet)
+    check_tokenizers(Tokenizer(folder), Tokenizer(sub), "the target", str(draft))
+    made = artifact.read(sub, verify=False).manifest
+    return {"path": "draft", "source": made["source"], "precision": precision}
 
 
 def _smoke_test(folder: Path) -> None:

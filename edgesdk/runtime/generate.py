@@ -26,6 +26,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    num_draft_tokens: int | None = None  # speculative decoding: None = adaptive, 0 = plain steps
 
     def validate(self) -> None:
         sampling.validate(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.max_new_tokens)
@@ -33,6 +34,10 @@ class GenerationConfig:
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise sampling.InvalidArgumentError("stop must be a list of non-empty strings")
+        k = self.num_draft_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise sampling.InvalidArgumentError(
+                f"num_draft_tokens={k!r} is invalid: use None (adaptive), 0 (no drafting) or a positive integer")
 
     def sampler(self) -> Callable[[np.ndarray, Sequence[int]], int]:
         """(logits, context) -> token, with the repetition penalty applied first."""
@@ -49,6 +54,7 @@ class GenerationChunk:
     token_ids: list[int]
     from_draft: bool = False
     finish_reason: str | None = None  # set on the last chunk: "stop", "length" or "context"
+    speculative: dict[str, Any] | None = None  # acceptance statistics so far (speculative decoding only)
 
 
 @dataclass
@@ -108,19 +114,22 @@ class Driver:
                 if self.first_at is None:
                     self.first_at = time.perf_counter()
                 kept = []
+                # token by token, so a stop inside a multi-token (speculative) step ends exactly
+                # where one-token steps would have ended
                 for t in new:
                     kept.append(t)
                     if t in self.eos:
                         self.finish_reason = "stop"
                         break
+                    self.detok.add([t])
+                    if self.cfg.stop:
+                        self._check_stop()
+                        if self.finish_reason:
+                            break
                     if len(self.tokens) + len(kept) >= self.budget:
                         self.finish_reason = self.limit_reason
                         break
                 self.tokens.extend(kept)
-                visible = [t for t in kept if t not in self.eos]
-                self.detok.add(visible)
-                if self.finish_reason is None and self.cfg.stop:
-                    self._check_stop()
                 chunk = self._chunk(kept, from_draft)
                 if chunk is not None:
                     yield chunk
@@ -152,9 +161,10 @@ class Driver:
                     break
         out = text[self.emitted:end]
         self.emitted = max(self.emitted, end)
+        stats = dict(self.stats) if self.stats else None
         if not out and not self.finish_reason:
-            return None if not kept else GenerationChunk("", kept, from_draft)
-        return GenerationChunk(out, kept, from_draft, self.finish_reason)
+            return None if not kept else GenerationChunk("", kept, from_draft, speculative=stats)
+        return GenerationChunk(out, kept, from_draft, self.finish_reason, stats)
 
     def result(self) -> GenerationResult:
         text = self.detok.text if self.text_end is None else self.detok.text[: self.text_end]
@@ -166,4 +176,5 @@ class Driver:
             prompt_tokens=self.prompt_tokens, generated_tokens=n,
             time_to_first_token_s=first - self.started,
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            total_s=self.ended - self.started, prefilled_tokens=self.prefilled, speculative=self.stats)
+            total_s=self.ended - self.started, prefilled_tokens=self.prefilled,
+            speculative=dict(self.stats) if self.stats else None)

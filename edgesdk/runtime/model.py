@@ -20,7 +20,7 @@ log = logging.getLogger("edgesdk")
 class Model:
     def __init__(self, art: _artifact.Artifact, providers: list[tuple[str, dict[str, Any]]],
                  notes: list[str] | None = None, max_length: int | None = None,
-                 threads: int | None = None, spinning: bool = True):
+                 threads: int | None = None, spinning: bool = True, draft: "Model | str | None" = None):
         t0 = time.perf_counter()
         self.artifact = art
         self.manifest = art.manifest
@@ -39,6 +39,9 @@ class Model:
         gen = self.manifest.get("generation", {})
         self.eos_token_ids = set(gen.get("eos_token_ids") or [])
         self._cached: list[int] = []  # token ids whose keys/values are in the cache, in order
+        self.draft: Model | str | None = None  # speculative decoding: a draft Model or "prompt-lookup"
+        if draft is not None:
+            self.set_draft(draft)
         self.load_s = time.perf_counter() - t0
 
     def __repr__(self) -> str:
@@ -71,15 +74,18 @@ class Model:
     def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None,
-                 reuse_cache: bool = False) -> GenerationResult:
+                 reuse_cache: bool = False, num_draft_tokens: int | None = None) -> GenerationResult:
         """Generate a completion of ``prompt`` (or of ``messages`` through the chat template).
 
         Greedy by default (temperature=0). ``reuse_cache=True`` keeps the cached prefix that the
         new prompt shares with the previous call (multi-turn chat prefills only the new turn).
+        With a draft (``load(..., draft=...)``), ``num_draft_tokens`` fixes how many tokens are
+        proposed per target call (default None: adaptive; 0: plain decoding).
         """
         stream = self.stream(prompt, messages=messages, reuse_cache=reuse_cache,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+                             repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                             num_draft_tokens=num_draft_tokens)
         for _ in stream:
             pass
         return stream.result
@@ -101,13 +107,58 @@ class Model:
         self._cached = list(ids[:keep])
         driver = Driver(self.tokenizer, cfg, self.eos_token_ids, prompt_tokens=len(ids),
                         room=self.max_length - len(ids) + 1, prefilled=len(ids) - keep, started=started)
-        driver.source = plain_tokens(self.decoder, ids, ids[keep:], cfg.sampler())
+        if self.draft is None or cfg.num_draft_tokens == 0:
+            driver.source = plain_tokens(self.decoder, ids, ids[keep:], cfg.sampler())
+        else:
+            driver.source = self._speculative_source(driver, cfg, ids, keep, reuse_cache)
         driver.prompt_ids = ids
         return driver
 
     def _finish(self, driver: Driver) -> None:
         every = driver.prompt_ids + driver.tokens
-        self._cached = every[: self.decoder.length]
+        for m in (self, self.draft if isinstance(self.draft, Model) else None):
+            if m is not None:
+                if m.decoder.length > len(every):  # a speculative step the driver cut short
+                    m.decoder.rewind(len(every))
+                m._cached = every[: m.decoder.length]
+
+    # -- speculative decoding ----------------------------------------------------------------
+    def set_draft(self, draft: "Model | str | os.PathLike | None") -> None:
+        """Speculate with ``draft``: a loaded Model or artifact path with the same tokenizer,
+        "prompt-lookup" (no draft model), or None (plain decoding)."""
+        from .speculative import check_tokenizers
+
+        if isinstance(draft, (str, os.PathLike)) and str(draft) != "prompt-lookup":
+            draft = load(draft, max_length=self.max_length, threads=self.session.get_session_options()
+                         .intra_op_num_threads or None, draft=False, _spinning=False)
+        if draft is self:
+            raise InvalidArgumentError("a model cannot be its own draft object; load the artifact a second time")
+        if isinstance(draft, Model):
+            check_tokenizers(self.tokenizer, draft.tokenizer, str(self.path), str(draft.path))
+        elif draft not in (None, "prompt-lookup"):
+            raise InvalidArgumentError(f"draft={draft!r} is invalid: pass an artifact path, a loaded Model, "
+                                       "or \"prompt-lookup\"")
+        self.draft = draft
+
+    def _speculative_source(self, driver: Driver, cfg: GenerationConfig, ids: list[int], keep: int,
+                            reuse_cache: bool):
+        from .speculative import DraftModel, PromptLookup, new_stats, speculative_tokens
+
+        if isinstance(self.draft, Model):
+            d = self.draft
+            dkeep = 0
+            if reuse_cache:
+                limit = min(len(d._cached), len(ids) - 1)
+                while dkeep < limit and d._cached[dkeep] == ids[dkeep]:
+                    dkeep += 1
+            d.decoder.rewind(dkeep)
+            d._cached = list(ids[:dkeep])
+            proposer = DraftModel(d.decoder)
+        else:
+            proposer = PromptLookup()
+        driver.stats = new_stats(proposer.method, cfg.num_draft_tokens)
+        return speculative_tokens(self.decoder, proposer, ids, ids[keep:], cfg, self.eos_token_ids,
+                                  driver.budget, driver.stats, cfg.num_draft_tokens)
 
     def reset(self) -> None:
         """Forget the cached conversation."""
@@ -157,18 +208,35 @@ class Chat:
 
 def load(path: str | os.PathLike, target: str = "auto", *, max_length: int | None = None,
          threads: int | None = None, verify: bool = True, strict: bool = False,
-         prefer: str | None = None) -> Model:
+         prefer: str | None = None, draft: "Model | str | os.PathLike | bool | None" = None,
+         draft_target: str = "auto", _spinning: bool = True) -> Model:
     """Load an artifact folder made by ``edgesdk export``.
 
     target: "auto" picks the best provider the artifact was built for that this machine has;
     a target name (e.g. "cpu") forces that profile's providers. max_length caps the KV cache
     (default: the model's context). verify=False skips the sha256 check of the files.
+
+    draft: speculative decoding. An artifact path or a loaded Model with the same tokenizer,
+    or "prompt-lookup" (propose from the prompt, no draft model). None uses the draft bundled by
+    ``edgesdk export --draft`` if the artifact has one; False turns that off. draft_target
+    resolves the draft's providers on its own (it may run on another execution provider).
     """
     from ..targets import plan, report  # local: keeps `import edgesdk` light
 
     art = _artifact.read(path, verify=verify)
     chosen = plan(art.manifest, target, strict=strict, prefer=prefer)
     providers, notes, threads = chosen.providers, chosen.notes, threads or chosen.threads
-    model = Model(art, providers, notes, max_length=max_length, threads=threads)
+    if draft is None and art.manifest.get("draft"):
+        draft = art.path / art.manifest["draft"]["path"]
+    draft = draft or None
+    two_sessions = draft is not None and str(draft) != "prompt-lookup"
+    # Two sessions taking turns must not spin their worker threads (they would fight for cores).
+    model = Model(art, providers, notes, max_length=max_length, threads=threads,
+                  spinning=_spinning and not two_sessions)
     report(log, art.path, model.providers, model.provider_notes)
+    if isinstance(draft, (str, os.PathLike)) and str(draft) != "prompt-lookup":
+        draft = load(draft, draft_target, max_length=model.max_length, threads=threads, verify=verify,
+                     strict=strict, draft=False, _spinning=False)
+    if draft is not None:
+        model.set_draft(draft)
     return model
