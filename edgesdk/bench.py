@@ -327,6 +327,13 @@ def format_table(r: dict[str, Any]) -> str:
     for row in rows:
         lines.append("  " + "  ".join(c.rjust(w) if i < 2 else c.ljust(w) for i, (c, w) in
                                       enumerate(zip(row, widths))).rstrip())
+    for e in r["results"]:
+        spec = e.get("speculative")
+        if spec:
+            rate = statistics.median(s.get("acceptance_rate", 0.0) for s in spec)
+            per_call = statistics.median(s.get("tokens_per_target_call", 0.0) for s in spec)
+            lines.append(f"  {e['prompt_tokens']}-token prompt, {spec[0].get('method', 'speculative')}: "
+                         f"{rate:.0%} of draft tokens accepted, {per_call:.2f} tokens per target call (median)")
     short = [e for e in r["results"] if e["generated_tokens"]["min"] < e["new_tokens"]]
     for e in short:
         lines.append(f"  note: the {e['prompt_tokens']}-token runs stopped after {e['generated_tokens']['min']} "
