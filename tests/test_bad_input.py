@@ -147,3 +147,10 @@ def test_api_errors_are_edgesdk_errors(tiny):
     with pytest.raises(EdgeSDKError):
         edgesdk.export("/definitely/not/here", out="/tmp/x-edgesdk-never")
     assert not os.path.exists("/tmp/x-edgesdk-never")
+
+
+def test_hub_id_offline(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    p = run_cli("export", "HuggingFaceTB/SmolLM2-135M-Instruct", "-o", str(tmp_path / "out"), env=env)
+    one_line_error(p, "HuggingFaceTB/SmolLM2-135M-Instruct", "unreachable")
+    assert not (tmp_path / "out").exists()
