@@ -29,7 +29,9 @@ class Model:
         context = genai["model"]["context_length"]
         if max_length is not None and not 1 < max_length:
             raise InvalidArgumentError(f"max_length={max_length} is invalid: it must be > 1")
-        self.max_length = min(max_length or context, context)
+        # A sliding-window graph needs room for its window (GQA's local_window_size).
+        window = (genai["model"]["decoder"].get("sliding_window") or {}).get("window_size") or 0
+        self.max_length = min(max(max_length or context, window), context)
         self.provider_notes = list(notes or [])  # create_session adds the providers it had to skip
         self.session = create_session(art.model_path, providers, threads, spinning, notes=self.provider_notes)
         self.providers = self.session.get_providers()
