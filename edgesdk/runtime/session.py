@@ -39,7 +39,7 @@ def session_options(threads: int | None = None, spinning: bool = True,
     so.intra_op_num_threads = threads or physical_cores()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # The builder's graph is already fused; basic optimizations only keep loading fast.
+    # The builder's graph is already fused; the remaining passes are cheap at load time.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     # Spinning worker threads make each decode step faster but burn a core while waiting;

@@ -101,13 +101,14 @@ class IncrementalDecoder:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
+        self._prefix = ""  # decode(ids[prefix_offset:read_offset]), kept until the offsets move
 
     def add(self, ids: Sequence[int]) -> str:
         self.ids.extend(ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
+        if len(full) > len(self._prefix) and not full.endswith("\ufffd"):
+            new = full[len(self._prefix):]
+            self._prefix = self.tok.decode(self.ids[self.read_offset:], self.skip)
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             self.text += new
