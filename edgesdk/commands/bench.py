@@ -28,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per run (default: 128)")
     p.add_argument("--runs", type=int, default=5, help="measured runs per prompt length (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default: 1)")
-    p.add_argument("--draft", default=None, help="draft artifact for speculative decoding")
+    p.add_argument("--draft", default=None, help="draft artifact for speculative decoding, or prompt-lookup")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
     p.add_argument("--max-length", type=int, default=None, help="cap the KV cache (default: model context)")
     p.add_argument("--json", dest="json_file", default=None, metavar="FILE", help="also write the report as JSON ('-': stdout)")
