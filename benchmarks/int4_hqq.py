@@ -12,6 +12,10 @@ min/max, which for a block using its full 0..15 range is exactly Q4_1's (d, -m/d
 Copies the FP32 artifact, quantizes its MatMuls to MatMulNBits (4 bits, asymmetric, accuracy
 level 4) with HQQ, and writes a fresh manifest (precision int4, the recipe under
 "quantization"). Needs torch (edgesdk[export]); takes ~5 minutes for 135M parameters on 2 cores.
+
+Measured (docs/bench-eval.md): +0.02% perplexity over FP32 with --exclude /lm_head/MatMul, but
+onnxruntime 1.31's CPU MatMulNBits runs float zero points on a slow path: decode is 10-16x
+slower than the builder's INT4. A measurement of where quality goes, not a shippable recipe.
 """
 from __future__ import annotations
 
