@@ -46,8 +46,8 @@ def test_bench_table_and_json(report):
         for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
             s = e[key]
             assert len(s["samples"]) == 2 and 0 < s["min"] <= s["median"] <= s["max"], key
-        assert e["prefill_tok_s"]["median"] == pytest.approx(
-            e["prompt_tokens"] / e["ttft_s"]["median"], rel=0.5)
+        for prefill, ttft in zip(e["prefill_tok_s"]["samples"], e["ttft_s"]["samples"]):
+            assert prefill == pytest.approx(e["prompt_tokens"] / ttft, rel=1e-6)  # per run, not noisy medians
         assert e["peak_rss_scope"] == "run"
     # a 200-token prompt materializes [200, 49152] float32 logits (39 MB) that an 8-token one does not
     short, long = (e["peak_rss_bytes"]["median"] for e in r["results"])
