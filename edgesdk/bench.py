@@ -19,7 +19,6 @@ ignored so every run generates ``new_tokens`` tokens.
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import inspect
 import json
 import os
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .provenance import package_versions
 from .errors import ArtifactError, EdgeSDKError, InvalidArgumentError
 
 SCHEMA = 1
@@ -78,12 +78,7 @@ def cpu_model() -> str:
 
 
 def system_info() -> dict[str, Any]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
+    versions = package_versions(PACKAGES)
     return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "machine": platform.machine(),
             "os": platform.platform(), "python": platform.python_version(), "packages": versions}
 

@@ -133,3 +133,14 @@ def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeo
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "edgesdk", *args], capture_output=True, text=True,
                           input=input, env=e, timeout=timeout, cwd=ROOT)
+
+
+def assert_one_line_error(p, *needles: str) -> str:
+    """A user error from the CLI: non-zero exit, nothing on stdout, exactly one `error:` line."""
+    assert p.returncode != 0
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -5,16 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
-
-
-def assert_one_line_error(p, *needles):
-    assert p.returncode != 0
-    assert p.stdout == ""
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+from conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli
 
 TEXT = ROOT / "benchmarks" / "data" / "persuasion-ch1-7.txt"
 
@@ -26,15 +26,6 @@ def eval_json(*args):
     p = run_cli("eval", *args, "--json", "-")
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
-
-
-def assert_one_line_error(p, *needles):
-    assert p.returncode != 0
-    assert p.stdout == ""
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_perplexity_matches_transformers_on_the_same_windows(tiny, text):

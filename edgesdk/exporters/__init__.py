@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata as md
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import artifact, targets
+from ..provenance import package_versions
 from ..errors import InvalidArgumentError, OutputExistsError, TargetError
 from . import builder, sources
 from .progress import say, set_quiet, stage
@@ -21,13 +21,7 @@ TOOLS = ("edgesdk", "onnxruntime", "onnxruntime-genai", "onnx", "onnx-ir", "tran
 
 
 def tool_versions() -> dict[str, str]:
-    out = {}
-    for name in TOOLS:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(TOOLS)
 
 
 def _eos_ids(hf_dir: Path, genai: dict) -> list[int]:
