@@ -184,3 +184,16 @@ def test_runtime_needs_no_torch_or_transformers(tiny):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_no_busy_spinning_while_idle(tiny):
+    import os
+    import time
+
+    model = edgesdk.load(tiny.export("llama", "fp32"), threads=2)
+    model.generate("Hello", max_new_tokens=16)
+    time.sleep(0.05)  # ORT workers may spin briefly after a run, then park
+    t0 = os.times()
+    time.sleep(0.5)
+    t1 = os.times()
+    assert (t1.user - t0.user) + (t1.system - t0.system) < 0.05
