@@ -39,7 +39,9 @@ def build(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, executio
                            "pip install 'edgesdk[export]'") from None
     kv = [f"{k}={v}" for k, v in options.items()]
     with stage(f"Building the {precision} graph for {execution_provider} with onnxruntime-genai's model builder"):
-        with library_output():
+        layers = json.loads((hf_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+        verb = f"quantizing to {precision}" if precision in ("int4", "int8") else f"converting to {precision}"
+        with library_output(layers, verb):
             extra = parse_extra_options(None, str(hf_dir), str(out_dir), precision, execution_provider,
                                         str(cache_dir), kv)
             if "hf_details" in extra:
