@@ -147,6 +147,10 @@ def describe(manifest: dict[str, Any]) -> str:
     provs = [p["name"] for p in manifest.get("runtime", {}).get("providers", [])]
     lines.append(f"providers     {', '.join(provs)}")
     lines.append(f"generation    eos {gen.get('eos_token_ids')}, chat template {'yes' if gen.get('chat_template') else 'no'}")
+    draft = manifest.get("draft")
+    if draft:
+        lines.append(f"draft         {draft['path']}/ ({draft.get('source', {}).get('path')}, {draft.get('precision')}): "
+                     "speculative decoding by default")
     lines.append("tools         " + ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items()))
     ins = ", ".join(f"{i['name']}:{i['dtype']}{i['shape']}" for i in mdl.get("inputs", [])[:3])
     lines.append(f"inputs        {len(mdl.get('inputs', []))}: {ins}, ...")

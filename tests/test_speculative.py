@@ -417,6 +417,8 @@ def test_export_bundle_and_cli(tiny, tmp_path):
     assert got.speculative["proposed"] > 0
     assert got.token_ids == ref.token_ids
 
+    r = run_cli("info", str(out))
+    assert r.returncode == 0 and "draft         draft/" in r.stdout
     r = run_cli("run", str(out), PROMPT, "--max-new-tokens", "16", "-v")
     assert r.returncode == 0, r.stderr
     assert "accepted" in r.stderr
