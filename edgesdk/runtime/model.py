@@ -100,13 +100,7 @@ class Model:
         if len(ids) > self.max_length:
             raise ContextOverflowError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_length}; shorten it")
-        keep = 0
-        if reuse_cache:
-            limit = min(len(self._cached), len(ids) - 1)  # recompute at least the last prompt token
-            while keep < limit and self._cached[keep] == ids[keep]:
-                keep += 1
-        self.decoder.rewind(keep)
-        self._cached = list(ids[:keep])
+        keep = self._keep_prefix(ids, reuse_cache)
         driver = Driver(self.tokenizer, cfg, self.eos_token_ids, prompt_tokens=len(ids),
                         room=self.max_length - len(ids) + 1, prefilled=len(ids) - keep, started=started)
         if self.draft is None or cfg.num_draft_tokens == 0:
@@ -115,6 +109,18 @@ class Model:
             driver.source = self._speculative_source(driver, cfg, ids, keep, reuse_cache)
         driver.prompt_ids = ids
         return driver
+
+    def _keep_prefix(self, ids: list[int], reuse_cache: bool) -> int:
+        """Rewind the cache to the longest prefix it shares with ``ids`` (0 unless reuse_cache),
+        always leaving the last prompt token to recompute; return that prefix's length."""
+        keep = 0
+        if reuse_cache:
+            limit = min(len(self._cached), len(ids) - 1)
+            while keep < limit and self._cached[keep] == ids[keep]:
+                keep += 1
+        self.decoder.rewind(keep)
+        self._cached = list(ids[:keep])
+        return keep
 
     def _finish(self, driver: Driver) -> None:
         every = driver.prompt_ids + driver.tokens
@@ -147,15 +153,8 @@ class Model:
         from .speculative import DraftModel, PromptLookup, new_stats, speculative_tokens
 
         if isinstance(self.draft, Model):
-            d = self.draft
-            dkeep = 0
-            if reuse_cache:
-                limit = min(len(d._cached), len(ids) - 1)
-                while dkeep < limit and d._cached[dkeep] == ids[dkeep]:
-                    dkeep += 1
-            d.decoder.rewind(dkeep)
-            d._cached = list(ids[:dkeep])
-            proposer = DraftModel(d.decoder)
+            self.draft._keep_prefix(ids, reuse_cache)
+            proposer = DraftModel(self.draft.decoder)
         else:
             proposer = PromptLookup()
         driver.stats = new_stats(proposer.method, cfg.num_draft_tokens)
