@@ -76,14 +76,13 @@ def graph_io(model_path: Path) -> tuple[list[dict], list[dict], dict[str, int]]:
     return [describe(i) for i in m.graph.input], [describe(o) for o in m.graph.output], ops
 
 
-def cap_context(out_dir: Path, context_length: int | None) -> dict:
-    path = out_dir / "genai_config.json"
-    cfg = json.loads(path.read_text())
+def cap_context(out_dir: Path, context_length: int | None) -> None:
     if context_length:
+        path = out_dir / "genai_config.json"
+        cfg = json.loads(path.read_text())
         cfg["model"]["context_length"] = min(context_length, cfg["model"]["context_length"])
         cfg["search"]["max_length"] = cfg["model"]["context_length"]
         path.write_text(json.dumps(cfg, indent=4))
-    return cfg
 
 
 def write_runtime_options(out_dir: Path, providers: list[dict[str, Any]], threads: int | None) -> dict:

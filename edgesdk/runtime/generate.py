@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from . import sampling
 from .decoder import Decoder
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -33,10 +34,10 @@ class GenerationConfig:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise sampling.InvalidArgumentError("stop must be a list of non-empty strings")
+            raise InvalidArgumentError("stop must be a list of non-empty strings")
         k = self.num_draft_tokens
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise sampling.InvalidArgumentError(
+            raise InvalidArgumentError(
                 f"num_draft_tokens={k!r} is invalid: use None (adaptive), 0 (no drafting) or a positive integer")
 
     def sampler(self) -> Callable[[np.ndarray, Sequence[int]], int]:
