@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         if m.tokenizer.fingerprint() != ref_model.tokenizer.fingerprint():
             raise SystemExit(f"{name}: a different tokenizer than the FP32 export")
         ops = m.manifest["model"].get("op_types", {})
-        embeddings = "int4 (tied to lm_head)" if "GatherBlockQuantized" in ops else "fp32"
+        embeddings = "quantized, tied to lm_head" if "GatherBlockQuantized" in ops else "fp32"
         models[name] = {"artifact": path, "precision": m.manifest.get("precision"),
                         "recipe": {**(m.manifest.get("quantization") or {}), "embeddings": embeddings}
                         if m.manifest.get("precision") in ("int4", "int8") else None}

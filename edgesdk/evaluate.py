@@ -188,6 +188,9 @@ def evaluate(artifact: str | os.PathLike, text_file: str | os.PathLike, *, basel
     # Only a window's worth of KV cache is needed.
     model = load(artifact, target=target, max_length=window, threads=threads)
     base = load(baseline, target=target, max_length=window, threads=threads) if baseline is not None else None
+    for m in (model, base):
+        if m is not None:
+            m.check_full_vocabulary()  # a perplexity needs every token's probability
 
     t0 = time.perf_counter()
     nll = base_nll = kl_sum = 0.0

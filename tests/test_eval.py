@@ -155,17 +155,11 @@ def smollm2_int4_quality(real):
 
 
 @pytest.mark.slow
-def test_smollm2_int4_quality_is_bounded(smollm2_int4_quality):
-    """A regression guard on what the default recipe measures today (about +40% on these tokens:
-    the builder's integer-zero-point INT4 re-quantizes the GGUF's Q4_1 grid; docs/bench-eval.md)."""
+def test_smollm2_int4_meets_the_8_percent_target(smollm2_int4_quality):
+    """Issue 5's target: the default INT4 at most 8% above FP32. The default carries the GGUF's
+    own Q4_1/Q8_0 blocks into the graph (measured +0.4% on 4k tokens, +0.6% with 20k in
+    docs/bench-eval.md); the builder's RTN re-quantization measured ~+40% here."""
     b = smollm2_int4_quality
     assert 5 < b["perplexity"] < 100  # the FP32 export on real prose
-    assert 0 < b["relative_increase"] < 0.6
-    assert b["top1_agreement"] > 0.45 and 0 < b["kl_mean"] < 0.7
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 5's target: INT4 at most 8% above FP32; the default builder recipe "
-                                       "measures ~+40% (an HQQ recipe measures ~0%: docs/bench-eval.md)")
-def test_smollm2_int4_meets_the_8_percent_target(smollm2_int4_quality):
-    assert smollm2_int4_quality["relative_increase"] <= 0.08
+    assert -0.02 < b["relative_increase"] <= 0.08
+    assert b["top1_agreement"] > 0.85 and 0 < b["kl_mean"] < 0.05

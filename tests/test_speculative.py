@@ -68,6 +68,21 @@ def noisy_path(tiny):
 
 
 @pytest.fixture(scope="module")
+def restricted_path(tiny, tmp_path_factory):
+    """The tiny target itself with its lm_head cut to 400 tokens, ranked by their counts in
+    PROMPT and the first half of the target's own greedy output (so some of its tokens are kept)."""
+    target = edgesdk.load(tiny.export("llama", "fp32"))
+    ref = greedy(target, n=48)
+    text = tmp_path_factory.mktemp("vocab") / "text.txt"
+    text.write_text(PROMPT + target.tokenizer.decode(ref.token_ids[:24]))
+    art = tiny.root / "onnx-restricted-400"
+    if not art.exists():
+        edgesdk.export(tiny.model("llama"), "cpu", art, precision="fp32", quiet=True, draft_vocab=400,
+                       vocab_texts=[text])
+    return art
+
+
+@pytest.fixture(scope="module")
 def plain(target_path):
     return edgesdk.load(target_path)
 
@@ -295,15 +310,15 @@ def _exact_joint(model, ids, depth, temperature, top_k):
     return out
 
 
-@pytest.mark.parametrize("draft", ["noisy", "prompt-lookup"])
-def test_sampled_output_follows_target_distribution(target_path, noisy_path, draft):
+@pytest.mark.parametrize("draft", ["noisy", "prompt-lookup", "restricted"])
+def test_sampled_output_follows_target_distribution(target_path, noisy_path, restricted_path, draft):
     from scipy.stats import chisquare
 
     target = edgesdk.load(target_path)
     ids = target.encode_prompt(PROMPT)
     settings = dict(temperature=1.0, top_k=3)
     joint = _exact_joint(target, ids, 3, **settings)
-    model = edgesdk.load(target_path, draft=noisy_path if draft == "noisy" else "prompt-lookup")
+    model = edgesdk.load(target_path, draft={"noisy": noisy_path, "restricted": restricted_path}.get(draft, draft))
     if draft == "noisy":  # the draft's own joint is far from the target's: a wrong rule would show
         q_joint = _exact_joint(model.draft, ids, 3, **settings)
         cells = set(joint) | set(q_joint)
@@ -333,6 +348,58 @@ def test_sampled_output_follows_target_distribution(target_path, noisy_path, dra
     assert tv < 0.06, tv
     if draft == "noisy":  # both acceptance and rejection paths ran
         assert 0.1 < accepted / proposed < 0.95
+
+
+# -- a draft with a restricted lm_head (export --draft-vocab) -------------------------------------
+def test_restricted_draft_vocab(target_path, plain, restricted_path):
+    from edgesdk.evaluate import evaluate
+
+    manifest = json.loads((restricted_path / "edgesdk.json").read_text())
+    assert manifest["model"]["lm_head_tokens"] == {"file": "lm_head_tokens.npy", "count": 400,
+                                                   "ranked_by": ["text.txt"]}
+    assert manifest["model"]["outputs"][0]["shape"][-1] == 400
+    draft = edgesdk.load(restricted_path)
+    ids = draft.lm_head_tokens
+    assert len(ids) == 400 and np.all(np.diff(ids) > 0)
+    prompt_ids = plain.encode_prompt(PROMPT)
+    assert set(prompt_ids) <= set(ids.tolist())  # counted in the text, so kept
+    # the restricted graph computes exactly the kept columns of the full lm_head
+    full = plain.decoder.forward(prompt_ids)
+    plain.reset()
+    np.testing.assert_allclose(draft.decoder.forward(prompt_ids), full[:, ids], rtol=1e-5, atol=1e-5)
+    draft.reset()
+    # alone it can only be a draft
+    with pytest.raises(InvalidArgumentError, match="can only serve as a draft"):
+        draft.generate(PROMPT, max_new_tokens=4)
+    with pytest.raises(InvalidArgumentError, match="can only serve as a draft"):
+        edgesdk.load(restricted_path, draft="prompt-lookup")
+    text = restricted_path.parent / "eval.txt"
+    text.write_text(PROMPT * 40)
+    with pytest.raises(InvalidArgumentError, match="can only serve as a draft"):
+        evaluate(restricted_path, text, window=64, stride=32)
+    # as a draft: the target's own output, accepted wherever the target's token was kept
+    ref = greedy(plain, n=48)
+    model = edgesdk.load(target_path, draft=restricted_path)
+    out = greedy(model, n=48, num_draft_tokens=4)
+    assert out.token_ids == ref.token_ids
+    outside = sum(t not in set(ids.tolist()) for t in ref.token_ids)
+    assert outside > 0, "the test needs target tokens the draft cannot propose"
+    s = out.speculative
+    assert 0 < s["accepted"] < s["proposed"]
+    check_caches(model, out)
+
+
+def test_draft_vocab_bad_input(tiny, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    out = tmp_path / "x"
+    assert_one_line_error(run_cli("export", str(tiny.model("llama")), "-o", str(out), "--draft-vocab", "0"),
+                          "--draft-vocab 0 is invalid")
+    assert_one_line_error(run_cli("export", str(tiny.model("llama")), "-o", str(out), "--draft-vocab", "100",
+                                  "--vocab-text", str(tmp_path / "missing.txt")), "does not exist")
+    assert_one_line_error(run_cli("export", str(tiny.model("llama")), "-o", str(out), "-q", "--draft-vocab", "999999"),
+                          "must be between")
+    assert not out.exists()
 
 
 # -- tokenizers, bundles, errors ------------------------------------------------------------------

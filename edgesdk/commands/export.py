@@ -18,6 +18,14 @@ def register(sub) -> None:
     p.add_argument("--draft", default=None, metavar="DRAFT_SOURCE",
                    help="also export this smaller model (same tokenizer) as a bundled speculative-decoding draft")
     p.add_argument("--draft-precision", default=None, help="the draft's precision (default: the same as the model's)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="keep only the N most frequent tokens in the lm_head of the draft (with --draft) or of "
+                        "this export (then usable only as a draft): a faster draft step")
+    p.add_argument("--vocab-text", action="append", default=[], metavar="FILE",
+                   help="text to count token frequencies in for --draft-vocab (repeatable; default: token id order)")
+    p.add_argument("--requantize-gguf", action="store_true",
+                   help="quantize a GGUF's weights again with the target's int4 algorithm instead of keeping "
+                        "the GGUF's own blocks (faster on CPU, less accurate)")
     p.set_defaults(fn=run)
 
 
@@ -29,7 +37,8 @@ def run(a: argparse.Namespace) -> int:
 
         read_text(a.eval_text)  # refuse a missing or empty file before a long export
     out = export(a.source, a.target, a.output, precision=a.precision, force=a.force,
-                 context_length=a.context_length, quiet=a.quiet, draft=a.draft, draft_precision=a.draft_precision)
+                 context_length=a.context_length, quiet=a.quiet, draft=a.draft, draft_precision=a.draft_precision,
+                 requantize_gguf=a.requantize_gguf, draft_vocab=a.draft_vocab, vocab_texts=a.vocab_text)
     print(out)
     if a.eval_text:
         from ..evaluate import export_quality

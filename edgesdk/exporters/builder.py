@@ -16,7 +16,7 @@ _QUANT_KEYS = {"block_size": "block_size", "accuracy_level": "accuracy_level", "
 def builder_options(precision: str, export_profile: dict[str, Any]) -> dict[str, str]:
     opts: dict[str, str] = {}
     q = export_profile.get(precision) or {}
-    for key, name in _QUANT_KEYS.items():
+    for key, name in _QUANT_KEYS.items():  # (gguf_blocks is edgesdk's own step: gguf_repack)
         if key in q:
             opts[name] = str(q[key]).lower() if isinstance(q[key], bool) else str(q[key])
     algo = q.get("algorithm")
@@ -115,3 +115,15 @@ def write_runtime_options(out_dir: Path, providers: list[dict[str, Any]], thread
         so["intra_op_num_threads"] = int(threads)
     path.write_text(json.dumps(cfg, indent=4))
     return cfg
+
+
+def save_graph(model, path: Path) -> None:
+    """Write a fully loaded ONNX model back over ``path`` with all weights in ``path.data``."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    data.chmod(0o644)  # onnx creates it owner-only

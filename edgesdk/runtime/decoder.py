@@ -41,7 +41,9 @@ class Decoder:
         self.logits_name = dec["outputs"]["logits"]
         names = {i.name for i in session.get_inputs()}
         self.has_positions = self.position_name in names
-        self.vocab_size = genai_config["model"]["vocab_size"]
+        width = next(o.shape[-1] for o in session.get_outputs() if o.name == self.logits_name)
+        # the graph's logits width: the vocabulary, or fewer columns for a restricted draft lm_head
+        self.vocab_size = width if isinstance(width, int) else genai_config["model"]["vocab_size"]
         self.max_length = max_length
         self.cache = KVCache(self.spec, max_length, device, device_id)
         self.binding = session.io_binding()

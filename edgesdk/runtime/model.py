@@ -40,6 +40,13 @@ class Model:
         self.tokenizer = Tokenizer(art.path)
         gen = self.manifest.get("generation", {})
         self.eos_token_ids = set(gen.get("eos_token_ids") or [])
+        # a draft-only artifact (export --draft-vocab): logits column j is token lm_head_tokens[j]
+        restricted = self.manifest["model"].get("lm_head_tokens")
+        self.lm_head_tokens = None
+        if restricted:
+            import numpy as np
+
+            self.lm_head_tokens = np.load(art.path / restricted["file"])
         self._cached: list[int] = []  # token ids whose keys/values are in the cache, in order
         self.draft: Model | str | None = None  # speculative decoding: a draft Model or "prompt-lookup"
         if draft is not None:
@@ -92,8 +99,15 @@ class Model:
             pass
         return stream.result
 
+    def check_full_vocabulary(self) -> None:
+        if self.lm_head_tokens is not None:
+            raise InvalidArgumentError(
+                f"{self.path} keeps only {len(self.lm_head_tokens)} of the vocabulary's tokens in its lm_head "
+                "(exported with --draft-vocab): it can only serve as a draft; load it with draft= of another model")
+
     def _start(self, prompt, messages, reuse_cache, settings) -> Driver:
         started = time.perf_counter()
+        self.check_full_vocabulary()
         cfg = GenerationConfig(**settings)
         cfg.validate()
         ids = self.encode_prompt(prompt, messages)
@@ -146,6 +160,7 @@ class Model:
         elif draft not in (None, "prompt-lookup"):
             raise InvalidArgumentError(f"draft={draft!r} is invalid: pass an artifact path, a loaded Model, "
                                        "or \"prompt-lookup\"")
+        self.check_full_vocabulary()
         self.draft = draft
 
     def _speculative_source(self, driver: Driver, cfg: GenerationConfig, ids: list[int], keep: int,
@@ -154,7 +169,8 @@ class Model:
 
         if isinstance(self.draft, Model):
             self.draft._keep_prefix(ids, reuse_cache)
-            proposer = DraftModel(self.draft.decoder)
+            proposer = DraftModel(self.draft.decoder, self.draft.lm_head_tokens,
+                                  self.manifest["model"]["vocab_size"])
         else:
             proposer = PromptLookup()
         driver.stats = new_stats(proposer.method, cfg.num_draft_tokens)

@@ -151,8 +151,10 @@ class DraftModel:
 
     method = "draft-model"
 
-    def __init__(self, decoder: Decoder):
+    def __init__(self, decoder: Decoder, lm_head_tokens: np.ndarray | None = None, vocab_size: int = 0):
         self.dec = decoder
+        self.tokens = lm_head_tokens  # a restricted draft lm_head: column j is token tokens[j]
+        self.vocab_size = vocab_size
         self.calls = 0
         self.seconds = 0.0
         self.enabled = True
@@ -180,6 +182,10 @@ class DraftModel:
         for _ in range(k):
             t = time.perf_counter()
             logits = self.dec.forward(feed)[-1]
+            if self.tokens is not None:  # back to the full vocabulary; dropped tokens impossible
+                full = np.full(max(self.vocab_size, int(self.tokens[-1]) + 1), -np.inf, dtype=logits.dtype)
+                full[self.tokens] = logits
+                logits = full
             if len(feed) == 1:  # catch-up calls after plain steps are not typical draft steps
                 self.step_s.append(time.perf_counter() - t)
             self.calls += 1

@@ -57,7 +57,7 @@ class Target:
 # key -> (type(s), required). A nested dict schema validates a mapping value.
 _STR, _INT, _BOOL, _LIST = str, int, bool, list
 _QUANT = {"block_size": (_INT, False), "accuracy_level": (_INT, False), "algorithm": (_STR, False),
-          "symmetric": (_BOOL, False), "mixed_precision": ((dict, str), False)}
+          "symmetric": (_BOOL, False), "mixed_precision": ((dict, str), False), "gguf_blocks": (_BOOL, False)}
 _SCHEMA: dict[str, Any] = {
     "name": (_STR, True),
     "description": (_STR, False),
