@@ -97,20 +97,46 @@ def fetch_gguf(role: str) -> Path:
     return out
 
 
-def exported(role: str, precision: str = "int4") -> Path:
-    out = CACHE / f"{MODELS[role]['name']}-cpu-{precision}"
+def exported(role: str, precision: str = "int4", requantize: bool = False, draft_vocab: int = 0) -> Path:
+    """The role's artifact: edgesdk's default INT4 export of the GGUF (the GGUF's own 4-bit blocks
+    carried over), or with ``requantize`` the builder's RTN of the dequantized weights; with
+    ``draft_vocab`` N the lm_head keeps the N tokens most frequent in a code corpus."""
+    suffix = ("-rq" if requantize else "") + (f"-vocab{draft_vocab}" if draft_vocab else "")
+    out = CACHE / f"{MODELS[role]['name']}-cpu-{precision}{suffix}"
     if not (out / "edgesdk.json").is_file():
         gguf = fetch_gguf(role)
         print(f"exporting {gguf.name} -> {out}", file=sys.stderr)
+        extra = (["--requantize-gguf"] if requantize else []) + \
+            (["--draft-vocab", str(draft_vocab), "--vocab-text", str(code_corpus())] if draft_vocab else [])
         subprocess.run([sys.executable, "-m", "edgesdk", "export", str(gguf), "--target", "cpu",
-                        "--precision", precision, "-o", str(out), "--force"], check=True)
+                        "--precision", precision, "-o", str(out), "--force", *extra], check=True)
+    return out
+
+
+def code_corpus(limit: int = 8 << 20) -> Path:
+    """Token frequencies for --draft-vocab: the Python standard library's sources (a public
+    code corpus every Python install has; not the benchmark's prompts or outputs), 8 MB."""
+    import sysconfig
+
+    out = CACHE / "stdlib-corpus.txt"
+    if not out.is_file():
+        parts, size = [], 0
+        for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            if "test" in f.parts or "site-packages" in f.parts:
+                continue
+            text = f.read_text(encoding="utf-8", errors="replace")
+            parts.append(text)
+            size += len(text)
+            if size >= limit:
+                break
+        out.write_text("\n".join(parts), encoding="utf-8")
     return out
 
 
 def genai_pair(target: Path, draft: Path) -> Path:
     """A folder onnxruntime-genai reads as target + draft: the target's files (linked) and its
     genai_config.json with a model.draft section (the draft's decoder section)."""
-    out = CACHE / "genai-pair"
+    out = CACHE / f"genai-pair-{target.name}"
     out.mkdir(exist_ok=True)
     for f in target.iterdir():
         if f.name not in ("genai_config.json", "edgesdk.json") and not (out / f.name).exists():
@@ -217,13 +243,18 @@ def main() -> int:
     ap.add_argument("--no-lookup", action="store_true", help="skip the prompt-lookup copy task")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs per prompt, best of each (default 1)")
     ap.add_argument("--copy-repeats", type=int, default=2, help="alternating plain/lookup runs on the copy task")
+    ap.add_argument("--draft-vocab", type=int, default=32768,
+                    help="also time a draft whose lm_head keeps this many tokens (0: skip; default 32768)")
+    ap.add_argument("--requantize-gguf", action="store_true",
+                    help="use the builder's RTN re-quantization of the GGUFs instead of their own blocks")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     a = ap.parse_args()
 
-    draft_path, target_path = exported("draft"), exported("target")
+    draft_path, target_path = exported("draft", requantize=a.requantize_gguf), exported("target", requantize=a.requantize_gguf)
+    vocab_path = exported("draft", requantize=a.requantize_gguf, draft_vocab=a.draft_vocab) if a.draft_vocab else None
     if a.prepare_only:
-        print(target_path, draft_path)
+        print(target_path, draft_path, vocab_path or "")
         return 0
 
     import edgesdk
@@ -234,6 +265,7 @@ def main() -> int:
     # (spinning is edgesdk's default for one session; speculation turns it off for both)
     plain_ns = edgesdk.load(target_path, threads=a.threads, verify=False, _spinning=False)
     spec = edgesdk.load(target_path, draft=draft_path, threads=a.threads, verify=False)
+    spec_v = edgesdk.load(target_path, draft=vocab_path, threads=a.threads, verify=False) if vocab_path else None
     og = og_plain = og_spec = None
     peer_error = None
     if not a.no_genai:
@@ -250,8 +282,9 @@ def main() -> int:
             og = None
 
     warm = [{"role": "user", "content": "Say hi."}]
-    for m in (plain, plain_ns, spec):
-        m.generate(messages=warm, max_new_tokens=8)
+    for m in (plain, plain_ns, spec, spec_v):
+        if m is not None:
+            m.generate(messages=warm, max_new_tokens=8)
     if og_plain is not None:
         run_genai(og, og_plain, plain.encode_prompt(messages=warm), 8)
     if og_spec is not None:
@@ -267,10 +300,14 @@ def main() -> int:
         # machine's load during one run does not decide the comparison
         best = lambda runs: max(runs, key=lambda r: r["decode_tps"])  # noqa: E731
         runs = {"plain_spinning": [], "plain_no_spinning": [], "speculative": []}
+        if spec_v is not None:
+            runs["speculative_vocab"] = []
         for _ in range(a.repeats):
             runs["plain_spinning"].append(run_edgesdk(plain, messages, n))
             runs["plain_no_spinning"].append(run_edgesdk(plain_ns, messages, n))
             runs["speculative"].append(run_edgesdk(spec, messages, n, num_draft_tokens=a.num_draft_tokens))
+            if spec_v is not None:
+                runs["speculative_vocab"].append(run_edgesdk(spec_v, messages, n, num_draft_tokens=a.num_draft_tokens))
         for key, rs in runs.items():
             row[key] = best(rs)
         row["plain"] = best([row["plain_spinning"], row["plain_no_spinning"]])
@@ -279,6 +316,8 @@ def main() -> int:
         if og_spec is not None:
             row["genai_speculative"] = run_genai(og, og_spec, ids, n)
         row["check"] = compare(row["plain"]["tokens"], row["speculative"]["tokens"], plain, ids)
+        if spec_v is not None:
+            row["check_vocab"] = compare(row["plain"]["tokens"], row["speculative_vocab"]["tokens"], plain, ids)
         if og_spec is not None:
             row["genai_check"] = compare(row["genai_plain"]["tokens"], row["genai_speculative"]["tokens"], plain, ids)
         loads.append(load_average())
@@ -287,7 +326,11 @@ def main() -> int:
         print(f"[{i + 1}/{a.prompts}] plain {row['plain']['decode_tps']:.1f} tok/s, speculative "
               f"{s['decode_tps']:.1f} tok/s ({s['decode_tps'] / row['plain']['decode_tps']:.2f}x), acceptance "
               f"{s['speculative']['acceptance_rate']:.2f}, {s['speculative']['tokens_per_target_call']:.2f} tok/call, "
-              f"{'identical' if row['check']['identical'] else 'diverges'}", file=sys.stderr, flush=True)
+              f"{'identical' if row['check']['identical'] else 'diverges'}"
+              + (f"; restricted draft {row['speculative_vocab']['decode_tps']:.1f} tok/s "
+                 f"({row['speculative_vocab']['decode_tps'] / row['plain']['decode_tps']:.2f}x), acceptance "
+                 f"{row['speculative_vocab']['speculative']['acceptance_rate']:.2f}" if spec_v is not None else ""),
+              file=sys.stderr, flush=True)
 
     copy = None
     if not a.no_lookup:
@@ -337,6 +380,12 @@ def summarize(rows, copy, a, loads, peer_error) -> dict:
              "tokens_per_target_call": round(s["speculative"]["tokens_per_target_call"], 2),
              "proposed": s["speculative"]["proposed"], "accepted": s["speculative"]["accepted"],
              "check": r["check"]}
+        if "speculative_vocab" in r:
+            v = r["speculative_vocab"]
+            e.update({"vocab_tps": round(v["decode_tps"], 2), "vocab_speedup": round(v["decode_tps"] / p["decode_tps"], 3),
+                      "vocab_acceptance_rate": round(v["speculative"]["acceptance_rate"], 3),
+                      "vocab_tokens_per_target_call": round(v["speculative"]["tokens_per_target_call"], 2),
+                      "vocab_check": r["check_vocab"]})
         if "genai_plain" in r:
             e["genai_plain_tps"] = round(r["genai_plain"]["decode_tps"], 2)
         if "genai_speculative" in r:
@@ -356,6 +405,20 @@ def summarize(rows, copy, a, loads, peer_error) -> dict:
     overall["identical"] = sum(e["check"]["identical"] for e in per)
     overall["near_tie_divergences"] = sum(bool(e["check"].get("near_tie")) for e in per)
     overall["other_divergences"] = len(per) - overall["identical"] - overall["near_tie_divergences"]
+    if rows and "speculative_vocab" in rows[0]:
+        v = overall["restricted_draft"] = {"draft_vocab": a.draft_vocab, "vocab_text": "Python stdlib sources (8 MB)",
+                                           "speculative_tps": round(_tps(rows, "speculative_vocab"), 2)}
+        v["speedup"] = round(v["speculative_tps"] / overall["plain_tps"], 3)
+        v["min_prompt_speedup"] = min(e["vocab_speedup"] for e in per)
+        vp = sum(r["speculative_vocab"]["speculative"]["proposed"] for r in rows)
+        v["acceptance_rate"] = round(sum(r["speculative_vocab"]["speculative"]["accepted"] for r in rows) / vp, 3) \
+            if vp else 0.0
+        vc = sum(r["speculative_vocab"]["speculative"]["target_calls"] for r in rows)
+        v["tokens_per_target_call"] = round(
+            sum(r["speculative_vocab"]["speculative"]["target_tokens"] for r in rows) / vc, 2) if vc else 0.0
+        v["identical"] = sum(e["vocab_check"]["identical"] for e in per)
+        v["near_tie_divergences"] = sum(bool(e["vocab_check"].get("near_tie")) for e in per)
+        v["other_divergences"] = len(per) - v["identical"] - v["near_tie_divergences"]
     if rows and "genai_plain" in rows[0]:
         overall["genai_plain_tps"] = round(_tps(rows, "genai_plain"), 2)
         overall["plain_vs_genai_plain"] = round(overall["plain_tps"] / overall["genai_plain_tps"], 3)
@@ -399,7 +462,10 @@ def summarize(rows, copy, a, loads, peer_error) -> dict:
 def print_table(r: dict) -> None:
     peer = "genai_plain_tps" in r["overall"]
     peer_spec = "genai_speculative_tps" in r["overall"]
+    vocab = "restricted_draft" in r["overall"]
     head = f"{'#':>2} {'prompt':<42} {'plain':>6} {'spec':>6} {'x':>5} {'acc':>5} {'tok/call':>8} {'output':<22}"
+    if vocab:
+        head += f" {'spec-v':>6} {'x':>5} {'acc':>5} {'output':<22}"
     if peer:
         head += f" {'og-plain':>8}"
     if peer_spec:
@@ -422,6 +488,9 @@ def print_table(r: dict) -> None:
         line = (f"{i:>2} {e['prompt'][:42]:<42} {e['plain_tps']:>6.1f} {e['speculative_tps']:>6.1f} "
                 f"{e['speedup']:>5.2f} {e['acceptance_rate']:>5.2f} {e['tokens_per_target_call']:>8.2f} "
                 f"{verdict(e['check']):<22}")
+        if vocab:
+            line += (f" {e['vocab_tps']:>6.1f} {e['vocab_speedup']:>5.2f} {e['vocab_acceptance_rate']:>5.2f} "
+                     f"{verdict(e['vocab_check']):<22}")
         if peer:
             line += f" {e['genai_plain_tps']:>8.1f}"
         if peer_spec:
@@ -433,6 +502,13 @@ def print_table(r: dict) -> None:
               f"(worst prompt {o['min_prompt_speedup']}x); acceptance {o['acceptance_rate']}, "
               f"{o['tokens_per_target_call']} tokens per target call; identical {o['identical']}/{len(r['per_prompt'])}, "
               f"near-tie divergences {o['near_tie_divergences']}, other {o['other_divergences']}")
+    if vocab:
+        v = o["restricted_draft"]
+        print(f"spec-v: draft lm_head restricted to {v['draft_vocab']} tokens ({v['vocab_text']}): "
+              f"{v['speculative_tps']} tok/s = {v['speedup']}x plain (worst prompt {v['min_prompt_speedup']}x); "
+              f"acceptance {v['acceptance_rate']}, {v['tokens_per_target_call']} tokens per target call; identical "
+              f"{v['identical']}/{len(r['per_prompt'])}, near-tie divergences {v['near_tie_divergences']}, "
+              f"other {v['other_divergences']}")
     if peer:
         print(f"onnxruntime-genai plain {o['genai_plain_tps']} tok/s (edgesdk plain / genai plain = "
               f"{o['plain_vs_genai_plain']}x)")

@@ -113,11 +113,14 @@ class Real:
         self.exports: dict[str, Path] = {}
 
     def export(self, precision: str) -> Path:
+        """precision: int4 (the default: the GGUF's own blocks), "int4-requantized" (the
+        builder's RTN of the dequantized weights), int8, fp16, fp32."""
         if precision not in self.exports:
             import edgesdk
 
             out = self.root / f"smollm2-{precision}"
-            edgesdk.export(smollm2_gguf(), "cpu", out, precision=precision, quiet=True)
+            edgesdk.export(smollm2_gguf(), "cpu", out, precision=precision.split("-")[0], quiet=True,
+                           requantize_gguf=precision.endswith("-requantized"))
             self.exports[precision] = out
         return self.exports[precision]
 

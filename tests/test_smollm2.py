@@ -80,16 +80,12 @@ def test_stream_equals_generate(real):
     assert chunks[-1].finish_reason == full.finish_reason
 
 
-def test_requantize_gguf_uses_the_builders_int4_instead(real, tmp_path):
+def test_requantize_gguf_uses_the_builders_int4_instead(real):
     """`--requantize-gguf`: the builder's own INT4 of the dequantized weights (the faster graph:
     no zero points, no block-sum inputs), recorded as such in the manifest."""
     import onnx
 
-    from conftest import run_cli, smollm2_gguf
-
-    out = tmp_path / "rq"
-    p = run_cli("export", str(smollm2_gguf()), "-o", str(out), "--requantize-gguf", "-q")
-    assert p.returncode == 0, p.stderr
+    out = real.export("int4-requantized")
     m = edgesdk.load(out)
     assert "gguf_blocks" not in m.manifest["quantization"]
     ops = m.manifest["model"]["op_types"]

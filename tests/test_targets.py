@@ -236,14 +236,16 @@ def test_jetson_and_raspberry_pi_settings(tiny):
 def test_directml_int4_real_model_matches_fp32_as_well_as_cpu_int4(real, tmp_path_factory):
     """SmolLM2-135M: the DirectML INT4 graph, run on the CPU EP, against the FP32 CPU export.
 
-    Measured on this machine: DML INT4 vs FP32 top1 0.64, cos 0.79; CPU INT4 vs FP32 top1 0.61,
-    cos 0.78 (INT4 RTN on a 135M model); DML INT4 vs CPU INT4 top1 0.89, cos 0.99.
+    Measured on this machine: DML INT4 vs FP32 top1 0.64, cos 0.79; CPU INT4 (the same builder
+    RTN recipe: --requantize-gguf) vs FP32 top1 0.61, cos 0.78; DML INT4 vs CPU INT4 top1 0.89,
+    cos 0.99. (The CPU default carries the GGUF's own blocks: top1 0.97, cos 0.998; the DirectML
+    profile does not, its kernels for zero points and 8-bit MatMulNBits are unverified.)
     """
     dml = tmp_path_factory.mktemp("real-dml") / "smollm2-directml-int4"
     edgesdk.export(smollm2_gguf(), "directml", dml, quiet=True)
     check_structure(dml, "directml", "int4")
     ref = logits(real.export("fp32"))
-    got, base = agreement(logits(dml), ref), agreement(logits(real.export("int4")), ref)
+    got, base = agreement(logits(dml), ref), agreement(logits(real.export("int4-requantized")), ref)
     assert got["top1"] >= 0.5 and got["cos"] > 0.7, got
     assert got["top1"] >= base["top1"] - 0.1 and got["cos"] >= base["cos"] - 0.05, (got, base)
     # the bounds catch a broken graph: logits of other text (shifted by one token) fail them
