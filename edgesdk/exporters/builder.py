@@ -127,3 +127,11 @@ def save_graph(model, path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     data.chmod(0o644)  # onnx creates it owner-only
+
+
+def drop_unused_initializers(graph) -> None:
+    """Remove the initializers no node reads any more (after a graph rewrite)."""
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

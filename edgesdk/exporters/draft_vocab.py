@@ -36,11 +36,8 @@ def rank(folder: Path, size: int, texts: Sequence[str | os.PathLike] = ()) -> np
                                    f"size ({vocab}) minus one")
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     counts = np.zeros(vocab, dtype=np.int64)
-    for t in texts:
-        p = Path(t)
-        if not p.is_file():
-            raise InvalidArgumentError(f"vocabulary text {p} does not exist")
-        ids = np.asarray(tok.encode(p.read_text(encoding="utf-8", errors="replace")).ids, dtype=np.int64)
+    for t in texts:  # export() checked that they exist, before building
+        ids = np.asarray(tok.encode(Path(t).read_text(encoding="utf-8", errors="replace")).ids, dtype=np.int64)
         np.add.at(counts, ids[ids < vocab], 1)
     special = sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special and i < vocab)
     if len(special) >= size:
@@ -56,7 +53,7 @@ def restrict(folder: Path, token_ids: np.ndarray, model_file: str = "model.onnx"
     import onnx
     from onnx import helper, numpy_helper
 
-    from .builder import save_graph
+    from .builder import drop_unused_initializers, save_graph
 
     path = folder / model_file
     model = onnx.load(str(path))
@@ -96,10 +93,7 @@ def restrict(folder: Path, token_ids: np.ndarray, model_file: str = "model.onnx"
     out = next(o for o in graph.output if o.name == "logits")
     out.type.tensor_type.shape.dim[-1].Clear()
     out.type.tensor_type.shape.dim[-1].dim_value = len(ids)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    drop_unused_initializers(graph)
     save_graph(model, path)
     np.save(folder / TOKENS_FILE, np.asarray(token_ids, dtype=np.int32))
     say(f"    lm_head keeps {len(ids)} tokens (draft use only)")

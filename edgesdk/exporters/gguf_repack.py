@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .builder import save_graph
+from .builder import drop_unused_initializers, save_graph
 from .gguf_blocks import Blocks, decode
 from .progress import say
 
@@ -65,7 +65,6 @@ class _Source:
             with safe_open(str(f), "np") as fh:
                 for k in fh.keys():
                     self.hf[k] = (f, k)
-        self.tied = "lm_head.weight" not in self.hf
 
     def hf_weight(self, module: str) -> np.ndarray | None:
         from safetensors import safe_open
@@ -137,6 +136,7 @@ def _to_matmulnbits(src: Blocks, bits: int) -> tuple[_Packed, np.ndarray]:
     residual = src.offset + scale * zp  # what the integer zero point cannot say
     q = src.q.reshape(n, nb, block).copy()
     q[zero] = 0
+    half = 1 << (bits - 1)  # MatMulNBits' default zero point
     codes, scales, zps = [q], [scale], [zp]
     k_extra = 0
     if np.any(np.abs(residual) > 1e-7 * np.maximum(np.abs(scale), 1e-30)):
@@ -147,7 +147,6 @@ def _to_matmulnbits(src: Blocks, bits: int) -> tuple[_Packed, np.ndarray]:
         r = np.zeros((n, k_extra), np.float32)
         r[:, :nb] = residual
         r = r.reshape(n, extra, block)
-        half = 1 << (bits - 1)
         rs = np.abs(r).max(axis=-1) / (half - 1)
         rq = np.clip(np.rint(r / np.where(rs == 0, 1, rs)[..., None]) + half, 0, top)
         codes.append(rq.astype(np.uint8))
@@ -156,8 +155,7 @@ def _to_matmulnbits(src: Blocks, bits: int) -> tuple[_Packed, np.ndarray]:
     q = np.concatenate(codes, axis=1).astype(np.uint8)
     scale = np.concatenate(scales, axis=1).astype(np.float32)
     zp = np.concatenate(zps, axis=1).astype(np.uint8)
-    default = 1 << (bits - 1)
-    zp_packed = None if np.all(zp == default) else _pack(zp, bits)
+    zp_packed = None if np.all(zp == half) else _pack(zp, bits)
     return _Packed(_pack(q, bits), scale, zp_packed, block, bits, k_extra), \
         (residual if k_extra else np.zeros_like(residual)).astype(np.float32)
 
@@ -206,22 +204,22 @@ def repack(model_dir: Path, gguf_path: Path, hf_dir: Path, config: dict, *, max_
         if not m:
             keep("unknown weight name")
             continue
+        name = m.group(1)
+        modules = _hf_modules(name)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         k, n = int(attrs["K"]), int(attrs["N"])
         parts, kinds = [], []
-        for hf_module in _hf_modules(m.group(1)):
-            b, kind = src.blocks(hf_module)
+        for hf_module in modules:
+            b, kind = src.blocks(hf_module)  # kind: the GGUF type, or why there are no blocks
             if b is None:
                 break
             parts.append(b)
             kinds.append(kind)
-        else:
-            kind = None
-        if len(parts) != len(_hf_modules(m.group(1))):
-            keep(kind or "unmapped")
+        if len(parts) != len(modules):
+            keep(kind)
             continue
         blocks = _stack(parts)
-        limit = lm_head_bits or max_bits if m.group(1) == "lm_head" else max_bits
+        limit = lm_head_bits or max_bits if name == "lm_head" else max_bits
         if blocks.bits > limit:
             keep(f"{'/'.join(sorted(set(kinds)))} (> {limit} bits)")
             continue
@@ -229,7 +227,7 @@ def repack(model_dir: Path, gguf_path: Path, hf_dir: Path, config: dict, *, max_
             keep("shape mismatch")
             continue
         bits = 4 if blocks.bits <= 4 else 8
-        reference = np.concatenate([src.hf_weight(h) for h in _hf_modules(m.group(1))])
+        reference = np.concatenate([src.hf_weight(h) for h in modules])
         exact = blocks.values()
         if reference.shape != exact.shape or not np.allclose(exact, reference, rtol=1e-5,
                                                              atol=1e-6 * float(np.abs(reference).max())):
@@ -237,14 +235,13 @@ def repack(model_dir: Path, gguf_path: Path, hf_dir: Path, config: dict, *, max_
             continue
         packed, residual = _to_matmulnbits(blocks, bits)
         got = _dequant(packed, k) + np.repeat(residual, packed.block, axis=1)
-        if packed.k_extra and not np.allclose(got, exact, rtol=1e-5, atol=1e-6 * float(np.abs(exact).max())):
-            raise AssertionError(f"repacking {m.group(1)} changed its values")
+        if not np.allclose(got, exact, rtol=1e-5, atol=1e-6 * float(np.abs(exact).max())):
+            raise AssertionError(f"repacking {name} changed its values")
         # the shared embedding (GatherBlockQuantized reading lm_head's bytes) must stay exact
         shared = [c for c in consumers.get(node.input[1], []) if c is not node]
         if shared and (packed.k_extra or packed.zero_points is not None):
             keep("tied embedding with offsets")
             continue
-        name = m.group(1)
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(packed.b, node.input[1]))
         inits[node.input[2]].CopyFrom(numpy_helper.from_array(packed.scales, node.input[2]))
         inputs = list(node.input) + [""] * max(0, 4 - len(node.input))
@@ -281,7 +278,7 @@ def repack(model_dir: Path, gguf_path: Path, hf_dir: Path, config: dict, *, max_
             elif a.name == "K":
                 a.i = k + packed.k_extra
         for c in shared:
-            _share_with_gather(graph, inits, c, packed, k)
+            _share_with_gather(graph, c, packed, k)
         new_nodes.append((node, inserted))
         for kd in kinds:
             report.repacked[kd] = report.repacked.get(kd, 0) + 1
@@ -302,9 +299,9 @@ def repack(model_dir: Path, gguf_path: Path, hf_dir: Path, config: dict, *, max_
     return report
 
 
-def _share_with_gather(graph, inits, node, packed: _Packed, k: int) -> None:
+def _share_with_gather(graph, node, packed: _Packed, k: int) -> None:
     """Point a tied embedding (Reshape of lm_head's bytes -> GatherBlockQuantized) at the new bytes."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     if node.op_type != "Reshape":
         raise ValueError(f"unexpected consumer {node.op_type} of a quantized weight")
@@ -323,8 +320,5 @@ def _share_with_gather(graph, inits, node, packed: _Packed, k: int) -> None:
 
 def _tidy(graph) -> None:
     """Drop initializers nothing reads any more and value_info whose shapes were rewritten."""
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(graph)
     del graph.value_info[:]  # intermediate shapes only; ORT infers them again

@@ -154,7 +154,9 @@ class DraftModel:
     def __init__(self, decoder: Decoder, lm_head_tokens: np.ndarray | None = None, vocab_size: int = 0):
         self.dec = decoder
         self.tokens = lm_head_tokens  # a restricted draft lm_head: column j is token tokens[j]
-        self.vocab_size = vocab_size
+        # its logits scattered back to the full vocabulary; dropped tokens stay -inf (impossible)
+        self._full = None if lm_head_tokens is None else \
+            np.full(max(vocab_size, int(lm_head_tokens[-1]) + 1), -np.inf, dtype=np.float32)
         self.calls = 0
         self.seconds = 0.0
         self.enabled = True
@@ -182,10 +184,9 @@ class DraftModel:
         for _ in range(k):
             t = time.perf_counter()
             logits = self.dec.forward(feed)[-1]
-            if self.tokens is not None:  # back to the full vocabulary; dropped tokens impossible
-                full = np.full(max(self.vocab_size, int(self.tokens[-1]) + 1), -np.inf, dtype=logits.dtype)
-                full[self.tokens] = logits
-                logits = full
+            if self._full is not None:
+                self._full[self.tokens] = logits
+                logits = self._full
             if len(feed) == 1:  # catch-up calls after plain steps are not typical draft steps
                 self.step_s.append(time.perf_counter() - t)
             self.calls += 1
