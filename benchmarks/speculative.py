@@ -371,6 +371,21 @@ def _tps(rows, key):
     return toks / secs if secs else 0.0
 
 
+def _speculative_overall(rows, per, key: str, speedup: str, check: str, plain_tps: float) -> dict:
+    """Totals over the prompts for one speculative configuration (``key`` in each row)."""
+    o = {"speculative_tps": round(_tps(rows, key), 2)}
+    o["speedup"] = round(o["speculative_tps"] / plain_tps, 3) if rows else None
+    o["min_prompt_speedup"] = min(e[speedup] for e in per) if per else None
+    stats = [r[key]["speculative"] for r in rows]
+    proposed, calls = sum(s["proposed"] for s in stats), sum(s["target_calls"] for s in stats)
+    o["acceptance_rate"] = round(sum(s["accepted"] for s in stats) / proposed, 3) if proposed else 0.0
+    o["tokens_per_target_call"] = round(sum(s["target_tokens"] for s in stats) / calls, 2) if calls else 0.0
+    o["identical"] = sum(e[check]["identical"] for e in per)
+    o["near_tie_divergences"] = sum(bool(e[check].get("near_tie")) for e in per)
+    o["other_divergences"] = len(per) - o["identical"] - o["near_tie_divergences"]
+    return o
+
+
 def summarize(rows, copy, a, loads, peer_error) -> dict:
     per = []
     for r in rows:
@@ -398,31 +413,12 @@ def summarize(rows, copy, a, loads, peer_error) -> dict:
             e["genai_acceptance_rate"] = round(g.get("speculative", {}).get("acceptance_rate", float("nan")), 3)
             e["genai_check"] = r["genai_check"]
         per.append(e)
-    overall = {"plain_tps": round(_tps(rows, "plain"), 2), "speculative_tps": round(_tps(rows, "speculative"), 2)}
-    overall["speedup"] = round(overall["speculative_tps"] / overall["plain_tps"], 3) if rows else None
-    overall["min_prompt_speedup"] = min(e["speedup"] for e in per) if per else None
-    prop = sum(e["proposed"] for e in per)
-    overall["acceptance_rate"] = round(sum(e["accepted"] for e in per) / prop, 3) if prop else 0.0
-    calls = sum(r["speculative"]["speculative"]["target_calls"] for r in rows)
-    overall["tokens_per_target_call"] = round(
-        sum(r["speculative"]["speculative"]["target_tokens"] for r in rows) / calls, 2) if calls else 0.0
-    overall["identical"] = sum(e["check"]["identical"] for e in per)
-    overall["near_tie_divergences"] = sum(bool(e["check"].get("near_tie")) for e in per)
-    overall["other_divergences"] = len(per) - overall["identical"] - overall["near_tie_divergences"]
+    overall = {"plain_tps": round(_tps(rows, "plain"), 2)}
+    overall.update(_speculative_overall(rows, per, "speculative", "speedup", "check", overall["plain_tps"]))
     if rows and "speculative_vocab" in rows[0]:
-        v = overall["restricted_draft"] = {"draft_vocab": a.draft_vocab, "vocab_text": "Python stdlib sources (8 MB)",
-                                           "speculative_tps": round(_tps(rows, "speculative_vocab"), 2)}
-        v["speedup"] = round(v["speculative_tps"] / overall["plain_tps"], 3)
-        v["min_prompt_speedup"] = min(e["vocab_speedup"] for e in per)
-        vp = sum(r["speculative_vocab"]["speculative"]["proposed"] for r in rows)
-        v["acceptance_rate"] = round(sum(r["speculative_vocab"]["speculative"]["accepted"] for r in rows) / vp, 3) \
-            if vp else 0.0
-        vc = sum(r["speculative_vocab"]["speculative"]["target_calls"] for r in rows)
-        v["tokens_per_target_call"] = round(
-            sum(r["speculative_vocab"]["speculative"]["target_tokens"] for r in rows) / vc, 2) if vc else 0.0
-        v["identical"] = sum(e["vocab_check"]["identical"] for e in per)
-        v["near_tie_divergences"] = sum(bool(e["vocab_check"].get("near_tie")) for e in per)
-        v["other_divergences"] = len(per) - v["identical"] - v["near_tie_divergences"]
+        overall["restricted_draft"] = {
+            "draft_vocab": a.draft_vocab, "vocab_text": "Python stdlib sources (8 MB)",
+            **_speculative_overall(rows, per, "speculative_vocab", "vocab_speedup", "vocab_check", overall["plain_tps"])}
     if rows and "genai_plain" in rows[0]:
         overall["genai_plain_tps"] = round(_tps(rows, "genai_plain"), 2)
         overall["plain_vs_genai_plain"] = round(overall["plain_tps"] / overall["genai_plain_tps"], 3)
