@@ -227,7 +227,11 @@ def repack(model_dir: Path, gguf_path: Path, hf_dir: Path, config: dict, *, max_
             keep("shape mismatch")
             continue
         bits = 4 if blocks.bits <= 4 else 8
-        reference = np.concatenate([src.hf_weight(h) for h in modules])
+        floats = [src.hf_weight(h) for h in modules]
+        if any(f is None for f in floats):
+            keep("no float weight to check against")
+            continue
+        reference = np.concatenate(floats)
         exact = blocks.values()
         if reference.shape != exact.shape or not np.allclose(exact, reference, rtol=1e-5,
                                                              atol=1e-6 * float(np.abs(reference).max())):
