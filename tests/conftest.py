@@ -119,8 +119,12 @@ class Real:
             import edgesdk
 
             out = self.root / f"smollm2-{precision}"
-            edgesdk.export(smollm2_gguf(), "cpu", out, precision=precision.split("-")[0], quiet=True,
-                           requantize_gguf=precision.endswith("-requantized"))
+            if precision.endswith("-requantized"):  # through the CLI, so its flag runs for real
+                p = run_cli("export", str(smollm2_gguf()), "-o", str(out), "--precision", precision.split("-")[0],
+                            "--requantize-gguf", "-q")
+                assert p.returncode == 0, p.stderr
+            else:
+                edgesdk.export(smollm2_gguf(), "cpu", out, precision=precision, quiet=True)
             self.exports[precision] = out
         return self.exports[precision]
 
