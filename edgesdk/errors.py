@@ -41,3 +41,11 @@ class InvalidArgumentError(EdgeSDKError, ValueError):
 
 class OutputExistsError(EdgeSDKError):
     """The export destination exists and --force was not given."""
+
+
+class ModelBusyError(EdgeSDKError):
+    """A Model is asked for a second generation while one is still streaming."""
+
+
+class EnvironmentMismatchError(EdgeSDKError):
+    """This machine cannot run the artifact: an onnxruntime too old for its graph, too little memory."""

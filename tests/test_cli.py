@@ -6,12 +6,13 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, run_cli
+import edgesdk
+from conftest import NO_EXPORT_CACHE, ROOT, run_cli
 
 
 def test_export_info_run(tiny, tmp_path):
     out = tmp_path / "qwen-int4"
-    p = run_cli("export", str(tiny.model("qwen2")), "--target", "cpu", "-o", str(out))
+    p = run_cli("export", str(tiny.model("qwen2")), "--target", "cpu", "-o", str(out), env=NO_EXPORT_CACHE)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(out)
     assert "==> Building the int4 graph" in p.stderr and "==> Wrote" in p.stderr  # staged progress
@@ -66,3 +67,37 @@ def test_console_script_and_module(tiny):
     b = subprocess.run([sys.executable, "-m", "edgesdk", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout and a.stdout.startswith("edgesdk ")
+
+
+def test_export_cache_reuses_only_identical_exports(tiny, tmp_path):
+    cache = {"EDGESDK_EXPORT_CACHE": str(tmp_path / "cache")}
+    model = str(tiny.model("llama"))
+    first = run_cli("export", model, "--precision", "fp32", "-o", str(tmp_path / "a"), env=cache)
+    assert first.returncode == 0 and "Copying the identical export" not in first.stderr, first.stderr
+    again = run_cli("export", model, "--precision", "fp32", "-o", str(tmp_path / "b"), env=cache)
+    assert again.returncode == 0 and "Copying the identical export cached in" in again.stderr, again.stderr
+    a, b = (json.loads((tmp_path / d / "edgesdk.json").read_text()) for d in "ab")
+    assert a["files"] == b["files"] and a["precision"] == "fp32"
+    other = run_cli("export", model, "--precision", "int8", "-o", str(tmp_path / "c"), env=cache)
+    assert other.returncode == 0 and "Copying the identical export" not in other.stderr  # another option: built
+    assert len([e for e in (tmp_path / "cache").iterdir() if not e.name.startswith(".")]) == 2
+    entry = next(e for e in (tmp_path / "cache").iterdir()
+                 if json.loads((e / "edgesdk.json").read_text())["precision"] == "fp32")
+    (entry / "tokenizer.json").write_text("{}")  # a damaged entry is dropped and the export built again
+    p = run_cli("export", model, "--precision", "fp32", "-o", str(tmp_path / "d"), env=cache)
+    assert p.returncode == 0 and "Copying the identical export" not in p.stderr
+    assert edgesdk.load(tmp_path / "d").generate("Hi", max_new_tokens=4).generated_tokens == 4
+
+
+def test_same_inputs_give_byte_identical_artifacts(tiny, tmp_path):
+    """Nothing random or time-stamped goes into an artifact: two builds (not cached) of the same
+    inputs with SOURCE_DATE_EPOCH set are identical to the byte, manifest included."""
+    env = {**NO_EXPORT_CACHE, "SOURCE_DATE_EPOCH": "1767225600"}
+    for name in "ab":
+        p = run_cli("export", str(tiny.model("qwen2")), "-o", str(tmp_path / name), "-q", env=env)
+        assert p.returncode == 0, p.stderr
+    files = sorted(f.relative_to(tmp_path / "a") for f in (tmp_path / "a").rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(tmp_path / "b") for f in (tmp_path / "b").rglob("*") if f.is_file())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert json.loads((tmp_path / "a" / "edgesdk.json").read_text())["created"] == "2026-01-01T00:00:00+00:00"

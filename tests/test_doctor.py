@@ -21,7 +21,13 @@ def test_doctor_reports_this_machine():
     assert "CPUExecutionProvider" in out.split("providers", 1)[1].splitlines()[0]
     for name in ("cpu", "cuda", "directml", "webgpu", "jetson", "raspberry-pi", "qnn", "openvino", "coreml"):
         assert f"\n  {name} " in out, name
-    assert "problems       none found" in out or "problems\n" in out
+    # the text lists exactly the problems the JSON report finds on this machine
+    problems = json.loads(run_cli("doctor", "--json").stdout)["problems"]
+    if problems:
+        assert "\nproblems\n" + "".join(f"  - {x}\n" for x in problems) in out
+        assert "none found" not in out
+    else:
+        assert "\nproblems       none found\n" in out
 
 
 def test_doctor_json():
@@ -39,7 +45,10 @@ def test_doctor_json():
     assert "DmlExecutionProvider: not in this onnxruntime build" in rows["directml"]["detail"]
     assert not any("conflicting" in x for x in r["problems"])
     if HAS_QNN:
-        assert r["plugins"]["QNNExecutionProvider"] == {"package": "onnxruntime-qnn", "registered": True}
+        qnn = r["plugins"]["QNNExecutionProvider"]
+        assert {"package": "onnxruntime-qnn", "registered": True}.items() <= qnn.items()
+        assert qnn["backend"]["type"] == "htp" and qnn["backend"]["works"] is True
+        assert qnn["backend"]["library"].endswith("libQnnHtp.so") and qnn["backend"]["soc_model"] == 60
         assert any(d["ep"] == "QNNExecutionProvider" for d in r["ep_devices"])
         assert rows["qnn"]["runs_here"] == "yes"
 

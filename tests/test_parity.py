@@ -16,12 +16,6 @@ def teacher_forced(model, ids):
     return model.decoder.forward(ids)
 
 
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean(-1, keepdims=True)
-    b = b - b.mean(-1, keepdims=True)
-    return float(((a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))).mean())
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp32_greedy_matches_transformers(tiny, arch):
     import torch
@@ -41,24 +35,31 @@ def test_fp32_greedy_matches_transformers(tiny, arch):
         assert np.abs(teacher_forced(model, ids) - logits).max() < 1e-3
 
 
+def closeness(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, mean |a - b| relative to the mean spread of a's logits around their mean)."""
+    top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
+    rel = float(np.abs(a - b).mean() / np.abs(a - a.mean(-1, keepdims=True)).mean())
+    return top1, rel
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("precision,min_corr,min_top1,max_diff", [("int8", 0.99, 0.6, 3.0), ("int4", 0.7, None, None)])
-def test_quantized_close_to_fp32(tiny, arch, precision, min_corr, min_top1, max_diff):
-    """Tiny random models are chaotic (int4 noise flips many top-1s), so int4 is held to logit
-    correlation: a broken graph (wrong weights, scales or layout) correlates ~0.1 with FP32."""
+@pytest.mark.parametrize("precision,min_top1,max_rel", [("int8", 0.6, 0.1), ("int4", 0.1, 0.75)])
+def test_quantized_close_to_fp32(tiny, arch, precision, min_top1, max_rel):
+    """Logits compared directly, so a wrong scale or offset fails too. Tiny random models are
+    chaotic (int4 noise flips many top-1s; measured: int4 top-1 0.18-0.68, error 0.15-0.59), but
+    chance top-1 is 1/49152 and every broken graph below has error >= 1.0."""
     ref = edgesdk.load(tiny.export(arch, "fp32"))
     quant = edgesdk.load(tiny.export(arch, precision))
     assert quant.manifest["precision"] == precision
     assert quant.manifest["model"]["op_types"].get("MatMulNBits", 0) > 0
     ids = ref.tokenizer.encode(" ".join(PROMPTS))
-    a, b = teacher_forced(ref, ids), teacher_forced(quant, ids)
-    corr = correlation(a, b)
-    top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
-    diff = float(np.abs(a - b).max())
-    print(f"{arch} {precision}: corr {corr:.3f} top1 {top1:.2f} max|diff| {diff:.2f}")
-    assert corr >= min_corr
-    assert correlation(a, b[::-1]) < 0.5  # the bound above is far from chance
-    if min_top1 is not None:
-        assert top1 >= min_top1
-    if max_diff is not None:
-        assert diff <= max_diff
+    a, b = teacher_forced(ref, ids).copy(), teacher_forced(quant, ids).copy()
+    top1, rel = closeness(a, b)
+    print(f"{arch} {precision}: top1 {top1:.2f} relative error {rel:.3f}")
+    assert top1 >= min_top1 and rel <= max_rel
+    # negative controls: what a broken graph does (positions mixed up, vocabulary columns mixed up,
+    # wrong scale, a constant offset) fails the same bounds
+    shuffled = b[:, np.random.default_rng(0).permutation(b.shape[1])]
+    for broken in (b[::-1], shuffled, 2 * b, b + b.std()):
+        t, r = closeness(a, broken)
+        assert not (t >= min_top1 and r <= max_rel), (t, r)

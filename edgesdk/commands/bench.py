@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ..errors import InvalidArgumentError
+from .common import check_json_file, write_json_file
 
 
 def _lengths(value: str) -> list[int]:
@@ -38,8 +37,7 @@ def register(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     from ..bench import bench, format_table
 
-    if a.json_file and a.json_file != "-" and not Path(a.json_file).absolute().parent.is_dir():
-        raise InvalidArgumentError(f"cannot write {a.json_file}: its folder does not exist")
+    check_json_file(a.json_file)
     progress = (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
     report = bench(a.artifact, target=a.target, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
                    runs=a.runs, warmup=a.warmup, draft=a.draft, threads=a.threads, max_length=a.max_length,
@@ -49,5 +47,5 @@ def run(a: argparse.Namespace) -> int:
         return 0
     print(format_table(report))
     if a.json_file:
-        Path(a.json_file).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_file(a.json_file, report)
     return 0

@@ -46,6 +46,14 @@ def collect() -> dict:
             registered[name] = {"package": pip, "registered": why is None, **({"problem": why} if why else {})}
             if why:
                 problems.append(f"{name}: {why}")
+    qnn = registered.get("QNNExecutionProvider")
+    if qnn and qnn["registered"]:  # which QNN backend library, and does the qnn profile's HTP take a node
+        import onnxruntime_qnn
+
+        opts = targets.load("qnn").providers[0].get("options") or {}
+        why = eps.probe("QNNExecutionProvider", opts, "plugin")
+        qnn["backend"] = {"type": str(opts.get("backend_type", "htp")), "library": onnxruntime_qnn.get_qnn_htp_path(),
+                          "soc_model": opts.get("soc_model"), "works": why is None, **({"problem": why} if why else {})}
     report["plugins"] = registered
     devices = []
     if hasattr(ort, "get_ep_devices"):
@@ -88,6 +96,10 @@ def run(a: argparse.Namespace) -> int:
     for name, info in r["plugins"].items():
         state = "registered" if info["registered"] else f"not registered: {info.get('problem')}"
         out.append(f"plugin         {info['package']} -> {name} ({state})")
+        if "backend" in info:
+            b = info["backend"]
+            out.append(f"qnn backend    {b['type']} {b['library']} (soc_model {b['soc_model']}): "
+                       + ("works" if b["works"] else b["problem"]))
     out.append("devices        " + ("\n               ".join(
         f"{d['ep']}: {d['type']} ({d['vendor'] or d['ep_vendor']})" for d in r["ep_devices"]) or "none listed"))
     out.append("targets")

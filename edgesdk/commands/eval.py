@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ..errors import InvalidArgumentError
+from .common import check_json_file, write_json_file
 
 
 def register(sub) -> None:
@@ -36,8 +35,7 @@ def progress_printer():
 def run(a: argparse.Namespace) -> int:
     from ..evaluate import evaluate
 
-    if a.json_file and a.json_file != "-" and not Path(a.json_file).absolute().parent.is_dir():
-        raise InvalidArgumentError(f"cannot write {a.json_file}: its folder does not exist")
+    check_json_file(a.json_file)
     r = evaluate(a.artifact, a.text, baseline=a.baseline, window=a.window, stride=a.stride, max_tokens=a.max_tokens,
                  target=a.target, threads=a.threads, progress=progress_printer())
     if a.json_file == "-":
@@ -45,5 +43,5 @@ def run(a: argparse.Namespace) -> int:
         return 0
     print(r.summary())
     if a.json_file:
-        Path(a.json_file).write_text(json.dumps(r.to_dict(), indent=2) + "\n")
+        write_json_file(a.json_file, r.to_dict())
     return 0

@@ -11,7 +11,12 @@ def register(sub) -> None:
     p.add_argument("--precision", default=None, help="int4, int8, fp16 or fp32 (default: the target's)")
     p.add_argument("-o", "--output", default=None, help="artifact folder to create")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    p.add_argument("--context-length", type=int, default=None, help="cap the model's context (KV cache size)")
+    p.add_argument("--context-length", "--context", type=int, default=None,
+                   help="cap the model's context (KV cache size); for static targets the fixed context C")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="static targets (qnn, openvino, coreml): prompt tokens per prefill call (default: the profile's)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="static int8/int4 targets: text to calibrate the activations on (default: a shipped text)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--eval-text", default=None, metavar="FILE",
                    help="then measure perplexity on FILE and print the delta against an FP32 reference export")
@@ -38,7 +43,8 @@ def run(a: argparse.Namespace) -> int:
         read_text(a.eval_text)  # refuse a missing or empty file before a long export
     out = export(a.source, a.target, a.output, precision=a.precision, force=a.force,
                  context_length=a.context_length, quiet=a.quiet, draft=a.draft, draft_precision=a.draft_precision,
-                 requantize_gguf=a.requantize_gguf, draft_vocab=a.draft_vocab, vocab_texts=a.vocab_text)
+                 requantize_gguf=a.requantize_gguf, draft_vocab=a.draft_vocab, vocab_texts=a.vocab_text,
+                 chunk=a.chunk, calibration=a.calibration)
     print(out)
     if a.eval_text:
         from ..evaluate import export_quality

@@ -1,7 +1,6 @@
 """Build an artifact: source -> HF folder -> target recipe -> quantized graph -> checked folder."""
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
@@ -11,8 +10,8 @@ from typing import Any, Sequence
 
 from .. import artifact, targets
 from ..provenance import package_versions
-from ..errors import InvalidArgumentError, OutputExistsError, TargetError
-from . import builder, sources
+from ..errors import InvalidArgumentError
+from . import builder, export_cache, sources
 from .progress import say, set_quiet, stage
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -39,7 +38,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
            precision: str | None = None, force: bool = False, context_length: int | None = None,
            quiet: bool = False, draft: str | os.PathLike | None = None,
            draft_precision: str | None = None, requantize_gguf: bool = False,
-           draft_vocab: int | None = None, vocab_texts: Sequence[str | os.PathLike] = ()) -> Path:
+           draft_vocab: int | None = None, vocab_texts: Sequence[str | os.PathLike] = (),
+           _record: bool = True, chunk: int | None = None, calibration: str | os.PathLike | None = None) -> Path:
     """Export ``source`` (HF folder, hub id, .gguf or pkg:DIST) for ``target`` into the folder ``out``.
 
     ``draft``: a second source (same tokenizer) exported for the same target into ``out/draft``
@@ -51,13 +51,30 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
 
     ``draft_vocab=N`` keeps only the N most frequent tokens (counted in ``vocab_texts``) in the
     lm_head of the draft (with ``draft``) or of this export, which can then only serve as a draft.
+
+    Targets whose profile says ``recipe: static`` (qnn, openvino, coreml) get a fixed-shape
+    prefill/decode pair (exporters/static.py): ``context_length`` is its context C, ``chunk`` its
+    prefill chunk S, ``calibration`` the text its int8/int4 (QDQ) graphs are calibrated on.
     """
     set_quiet(quiet)
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise InvalidArgumentError(f"source must be a model folder, hub id, .gguf path or pkg:DIST, not {source!r}")
+    if not isinstance(target, (str, os.PathLike)) or not str(target):
+        raise InvalidArgumentError(f"target must be a target name or a profile .yaml path, not {target!r}")
     profile = targets.load(target)
     recipe = profile.export.get("recipe", "builder")
-    if recipe != "builder":
-        raise TargetError(f"cannot export for {profile.name} yet: it needs the {recipe}-shape recipe, which edgesdk "
-                          f"does not have yet; `--target {profile.name}` at load time runs artifacts built elsewhere")
+    if recipe == "static":
+        from . import static
+
+        asked_context = context_length  # the profile's default is capped at the model's context, this is not
+        static.check_options(context_length or profile.export.get("context_length"),
+                             chunk or profile.export.get("chunk"), calibration)
+        if draft is not None or draft_vocab:
+            raise InvalidArgumentError(f"--draft and --draft-vocab are not available for {profile.name} (static "
+                                       "graphs); load a CPU draft at run time instead: load(..., draft=PATH)")
+    elif chunk is not None or calibration is not None:
+        raise InvalidArgumentError(f"--chunk and --calibration apply to static targets (qnn, openvino, coreml), "
+                                   f"not to {profile.name}")
     precision = precision or profile.export["precision"]
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
@@ -72,20 +89,44 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
     for t in vocab_texts:
         if not Path(t).is_file():
             raise InvalidArgumentError(f"vocabulary text {t} does not exist")
-    out = Path(out or f"build/{Path(str(source)).stem.replace(':', '-')}-{profile.name}-{precision}").absolute()
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; choose another -o or pass --force to replace it")
+    out = artifact.check_destination(
+        out or f"build/{Path(str(source)).stem.replace(':', '-')}-{profile.name}-{precision}", force)
 
     with stage(f"Reading {source}"):
         src = sources.resolve(source)
     say(f"    {src.architecture} ({src.kind}{', ' + src.gguf_type if src.gguf_type else ''})")
+    cache_key = None
+    if export_cache.root() is not None:
+        cache_key = export_cache.key(
+            src.manifest(), profile.as_dict(),
+            {"precision": precision, "context_length": context_length, "requantize_gguf": requantize_gguf,
+             "draft": sources.resolve(draft).manifest() if draft is not None else None,
+             "draft_precision": draft_precision, "draft_vocab": draft_vocab, "chunk": chunk},
+            {"vocab_texts": list(vocab_texts), "calibration": calibration}, tool_versions())
+        hit = export_cache.lookup(cache_key)
+        if hit is not None:
+            with stage(f"Copying the identical export cached in {hit}"):
+                with artifact.staging(out, force=force) as tmp:
+                    export_cache.copy_into(hit, tmp)
+                    manifest = artifact.read(tmp, verify=False).manifest  # lookup() hashed the entry
+            if _record:
+                artifact.remember_verified(out, manifest)
+            say(f"==> Wrote {out}")
+            return out
     with artifact.staging(out, force=force) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".edgesdk-work-", dir=out.parent))
         try:
             hf_dir = sources.prepare(src, work)
             ep = profile.export.get("execution_provider", "cpu")
-            builder.build(hf_dir, tmp, work / "cache", precision, ep, builder.builder_options(precision, profile.export))
+            static_info = None
+            if recipe == "static":
+                static_info = static.export(hf_dir, tmp, work, profile, precision, asked_context, chunk, calibration)
+            else:
+                builder.build(hf_dir, tmp, work / "cache", precision, ep,
+                              builder.builder_options(precision, profile.export))
             quant = dict(profile.export.get(precision) or {}) if precision in ("int4", "int8") else None
+            if static_info is not None:
+                quant = static_info.pop("quantization", None)
             if quant is not None and quant.pop("gguf_blocks", False):
                 if src.kind == "gguf" and precision == "int4" and not requantize_gguf:
                     quant["gguf_blocks"] = _carry_gguf_blocks(src, hf_dir, tmp)
@@ -108,7 +149,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
             genai = builder.write_runtime_options(tmp, profile.providers, profile.runtime.get("threads"))
             inputs, outputs, ops = builder.graph_io(tmp / genai["model"]["decoder"]["filename"])
             manifest = {
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "created": artifact.build_time(),
                 "source": src.manifest(),
                 "target": profile.name,
                 "precision": precision,
@@ -128,6 +169,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
                     "outputs": outputs,
                     "op_types": ops,
                     **({"lm_head_tokens": restricted} if restricted else {}),
+                    **({"recipe": "static", "static": static_info} if static_info else {}),
                 },
                 "runtime": {"providers": profile.providers, "kv_cache": profile.runtime.get("kv_cache", "shared-buffer"),
                             **({"threads": profile.runtime["threads"]} if profile.runtime.get("threads") else {})},
@@ -143,10 +185,14 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
             }
             if draft is not None:
                 manifest["draft"] = draft_entry
-            artifact.write_manifest(tmp, manifest)
+            manifest = artifact.write_manifest(tmp, manifest)
         if profile.device == "cpu":
             with stage("Checking the artifact loads and runs"):
                 _smoke_test(tmp)
+    if _record:  # a bundled draft is recorded with its target, at the final path
+        artifact.remember_verified(out, manifest)
+    if cache_key is not None:
+        export_cache.store(cache_key, out)
     say(f"==> Wrote {out}")
     return out
 
@@ -168,7 +214,7 @@ def _bundle_draft(draft, target: str, folder: Path, precision: str, context_leng
 
     say(f"==> Exporting the draft model {draft}")
     sub = export(draft, target, folder / "draft", precision=precision, context_length=context_length, quiet=quiet,
-                 requantize_gguf=requantize_gguf, draft_vocab=draft_vocab, vocab_texts=vocab_texts)
+                 requantize_gguf=requantize_gguf, draft_vocab=draft_vocab, vocab_texts=vocab_texts, _record=False)
     check_tokenizers(Tokenizer(folder), Tokenizer(sub), "the target", str(draft))
     made = artifact.read(sub, verify=False).manifest
     return {"path": "draft", "source": made["source"], "precision": precision}
@@ -177,5 +223,6 @@ def _bundle_draft(draft, target: str, folder: Path, precision: str, context_leng
 def _smoke_test(folder: Path) -> None:
     from ..runtime.model import Model
 
-    model = Model(artifact.read(folder), [("CPUExecutionProvider", {})], max_length=8)
+    # every file was hashed a moment ago by write_manifest: check only that they are all there
+    model = Model(artifact.read(folder, verify=False), [("CPUExecutionProvider", {})], max_length=8)
     model.decoder.forward([model.manifest["generation"].get("bos_token_id") or 0])

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..provenance import package_versions
 from ..errors import SourceError, UnsupportedArchitectureError
 from .progress import library_output, stage
 
@@ -158,13 +159,21 @@ def _gguf(p: Path, display: str) -> Source:
         arch_field = reader.fields["general.architecture"]
         model_type = bytes(arch_field.parts[arch_field.data[0]]).decode()
         ftype = reader.fields.get("general.file_type")
-        gguf_type = None
-        if ftype is not None:
-            gguf_type = gguf.LlamaFileType(int(ftype.parts[ftype.data[0]][0])).name.removeprefix("MOSTLY_")
         n_tensors = len(reader.tensors)
     except Exception as e:
+        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+        if unknown:
+            raise SourceError(f"{p} stores tensors of GGML type {unknown[1]}, which gguf {package_versions(['gguf']).get('gguf', '?')} does not "
+                              "know; upgrade it (pip install -U gguf) or convert the file to a common type") from None
         raise SourceError(f"{p} is not a readable GGUF file (truncated or corrupt: "
                           f"{str(e).splitlines()[0][:150] if str(e) else type(e).__name__})") from None
+    gguf_type = None
+    if ftype is not None:  # a label only: each tensor carries its own type, which the reader knows
+        code = int(ftype.parts[ftype.data[0]][0])
+        try:
+            gguf_type = gguf.LlamaFileType(code).name.removeprefix("MOSTLY_")
+        except ValueError:
+            gguf_type = f"file type {code}"
     if n_tensors == 0:
         raise SourceError(f"{p} holds no tensors; it is not a model GGUF")
     arch = _arch_for_model_type(model_type)
@@ -220,3 +229,4 @@ def prepare(src: Source, workdir: Path) -> Path:
     del loaded, model
     src.hf_dir = out
     return out
+

@@ -28,9 +28,13 @@ class GenerationConfig:
     stop: Sequence[str] = ()
     seed: int | None = None
     num_draft_tokens: int | None = None  # speculative decoding: None = adaptive, 0 = plain steps
+    response_format: Any = None  # constrained decoding (constraints.py); Model turns it into a processor
+    logits_processors: Sequence[Callable[[np.ndarray, Sequence[int]], np.ndarray]] = ()
 
     def validate(self) -> None:
         sampling.validate(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.max_new_tokens)
+        if any(not callable(f) for f in self.logits_processors):
+            raise InvalidArgumentError("logits_processors must be callables (logits, context_ids) -> logits")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -43,10 +47,18 @@ class GenerationConfig:
     def sampler(self) -> Callable[[np.ndarray, Sequence[int]], int]:
         """(logits, context) -> token, with the repetition penalty applied first."""
         pick = sampling.sampler(self.temperature, self.top_k, self.top_p, np.random.default_rng(self.seed))
+        steps = [*self.logits_processors]
         penalize = sampling.repetition_penalty(self.repetition_penalty)
-        if penalize is None:
+        if penalize is not None:
+            steps.append(penalize)
+        if not steps:
             return lambda logits, context: pick(logits)
-        return lambda logits, context: pick(penalize(logits, context))
+
+        def process_and_pick(logits, context):
+            for step in steps:
+                logits = step(logits, context)
+            return pick(logits)
+        return process_and_pick
 
 
 @dataclass

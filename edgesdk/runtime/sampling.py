@@ -74,3 +74,23 @@ def sampler(temperature: float, top_k: int, top_p: float, rng: np.random.Generat
         p = probs(logits)
         return int(rng.choice(p.shape[-1], p=p))
     return sample
+
+
+def presence_frequency_penalty(presence: float, frequency: float) -> Processor | None:
+    """OpenAI's rule over the generated tokens only: logit -= count * frequency + (count > 0) * presence.
+    The first call's context is the prompt; later tokens are what was generated."""
+    if not presence and not frequency:
+        return None
+    start: list[int] = []
+
+    def process(logits: np.ndarray, context: Sequence[int]) -> np.ndarray:
+        if not start:
+            start.append(len(context))
+        generated = np.asarray(context[start[0]:], dtype=np.int64)
+        if generated.size == 0:
+            return logits
+        tokens, counts = np.unique(generated, return_counts=True)
+        logits = logits.copy()
+        logits[tokens] -= counts * frequency + presence
+        return logits
+    return process

@@ -7,7 +7,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ..errors import ArtifactError, TargetError
+from ..errors import ArtifactError, EnvironmentMismatchError, EdgeSDKError, TargetError
 
 
 def physical_cores() -> int:
@@ -81,8 +81,7 @@ def create_session(model_path: Path, providers: list[tuple[str, dict[str, Any]]]
                 if name == eps.CPU or last:
                     if name != eps.CPU:
                         raise TargetError(f"{name} cannot run {model_path.name} here: {msg}") from None
-                    raise ArtifactError(f"cannot load {model_path}: {msg[:300]}; the file is corrupt or "
-                                        "incomplete, re-export it") from None
+                    raise session_error(model_path, e) from None
                 why = f"failed to create the session: {msg}"
             else:
                 if name == eps.CPU or name in sess.get_providers():
@@ -109,3 +108,46 @@ def _open(model_path: Path, providers: list[tuple[str, dict[str, Any]]], how: st
                if i == 0 or (n in ort.get_available_providers() and not eps.is_plugin(n))]
     return ort.InferenceSession(str(model_path), sess_options=so, providers=[n for n, _ in classic],
                                 provider_options=[eps.option_strings(o) for _, o in classic])
+
+
+_TOO_OLD = ("is not a registered function/op", "Unsupported model IR version", "is under development",
+            "Could not find an implementation for")
+_NO_MEMORY = ("bad_alloc", "Failed to allocate", "out of memory", "Cannot allocate memory", "MemoryError")
+_CORRUPT = ("protobuf parsing failed", "INVALID_PROTOBUF", "external data", "tensor_proto", "TensorProto",
+            "NO_SUCHFILE", "No such file", "unexpected end", "corrupt", "size mismatch", "INVALID_GRAPH")
+
+
+def session_error(model_path: Path, exc: BaseException) -> EdgeSDKError:
+    """Name why onnxruntime could not create a CPU session: an onnxruntime too old for the graph,
+    too little memory, a corrupt file, or (anything else) what onnxruntime said."""
+    text = f"{type(exc).__name__}: {exc}"
+    gist = _gist(str(exc) or type(exc).__name__)
+    if isinstance(exc, MemoryError) or any(k in text for k in _NO_MEMORY):
+        size = sum(f.stat().st_size for f in model_path.parent.glob(model_path.name + "*") if f.is_file())
+        return EnvironmentMismatchError(
+            f"not enough memory to load {model_path.name} ({size / 1e9:.2f} GB of graph and weights): close other "
+            "programs, lower max_length, or export a smaller precision such as int4")
+    if any(k in text for k in _TOO_OLD):
+        return EnvironmentMismatchError(
+            f"onnxruntime {ort.__version__} is too old for {model_path.name} ({gist}); upgrade it "
+            "(pip install -U onnxruntime) or re-export the artifact with this machine's versions")
+    if any(k in text for k in _CORRUPT):
+        return ArtifactError(f"cannot load {model_path}: {gist}; the file is corrupt or incomplete, re-export it")
+    return ArtifactError(f"onnxruntime {ort.__version__} cannot create a session for {model_path}: {gist}")
+
+
+def _gist(msg: str) -> str:
+    """onnxruntime's message without its status prefix and C++ source location, on one line."""
+    import re
+
+    msg = " ".join(msg.split())
+    msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", msg)
+    opset = re.search(r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", msg)
+    if opset:
+        return f"the graph uses opset {opset[1]} of {opset[2]}, this onnxruntime supports up to {opset[3]}"
+    for key in ("Unsupported model IR version", "Fatal error: ", "Could not find an implementation"):
+        if key in msg:
+            return msg[msg.index(key):].removeprefix("Fatal error: ")[:300]
+    if msg.startswith("/") and ") " in msg:  # "/path/file.cc:123 signature(...) what happened"
+        msg = msg.rsplit(") ", 1)[-1]
+    return msg[:300]

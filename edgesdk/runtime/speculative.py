@@ -266,7 +266,13 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
     """
     greedy = config.temperature == 0
     rng = np.random.default_rng(config.seed)
-    penalize = sampling.repetition_penalty(config.repetition_penalty) or (lambda logits, context: logits)
+    steps = [*config.logits_processors, sampling.repetition_penalty(config.repetition_penalty)]
+    steps = [f for f in steps if f is not None]  # processors (constraint masks) see every draft and verify step
+
+    def penalize(logits: np.ndarray, context: Sequence[int]) -> np.ndarray:
+        for step in steps:
+            logits = step(logits, context)
+        return logits
     probs = None if greedy else sampling.distribution(config.temperature, config.top_k, config.top_p)
     # k_max 8 covers what pays on CPU; prompt lookup copies long runs for free, so allow more
     # Priors: a same-family draft usually agrees on 3 tokens in 4 or more; a prompt-lookup match is
@@ -281,7 +287,7 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
         return int(rng.choice(p.shape[-1], p=p))
 
     def draft_choose(logits: np.ndarray, context: list[int], drafted: list[int]):
-        ctx = context + drafted if config.repetition_penalty != 1.0 else context
+        ctx = context + drafted if steps else context
         if greedy:
             return int(np.argmax(penalize(logits, ctx))), None
         q = probs(penalize(logits, ctx))
@@ -315,7 +321,7 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
 
         n = 0
         extra = None
-        if greedy and config.repetition_penalty == 1.0:
+        if greedy and not steps:
             best = np.argmax(logits, axis=-1)
             while n < len(drafts) and best[n] == drafts[n]:
                 n += 1

@@ -67,7 +67,8 @@ class Tokenizer:
         return {"vocab": self._tok.get_vocab(with_added_tokens=True),
                 "special": sorted(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)}
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if not self.chat_template:
             raise InvalidArgumentError("this model has no chat template; pass prompt= instead of messages=")
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
@@ -81,7 +82,9 @@ class Tokenizer:
             self._template = env.from_string(self.chat_template)
         special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+            extra = {"tools": tools} if tools else {}
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **extra, **special)
         except jinja2.exceptions.TemplateError as e:
             raise InvalidArgumentError(f"the chat template rejected these messages: {e}") from None
 

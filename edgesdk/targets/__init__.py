@@ -44,7 +44,7 @@ class Target:
 
     @property
     def exportable(self) -> bool:
-        return self.export.get("recipe", "builder") == "builder"
+        return self.export.get("recipe", "builder") in ("builder", "static")
 
     def as_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "description": self.description, "device": self.device,
@@ -71,6 +71,7 @@ _SCHEMA: dict[str, Any] = {
         "precisions": (_LIST, False),
         "io_dtype": (_STR, False),
         "context_length": (_INT, False),
+        "chunk": (_INT, False),  # static recipe: prefill chunk S (context_length is its context C)
         "int4": (_QUANT, False),
         "int8": (_QUANT, False),
         "builder_options": (dict, False),
@@ -157,6 +158,9 @@ def parse(data: Any, source: str) -> Target:
     if exp.get("precisions") and exp["precision"] not in exp["precisions"]:
         raise TargetError(f"profile {source}: 'export.precision' {exp['precision']} is not in "
                           f"'export.precisions' ({', '.join(exp['precisions'])})")
+    if exp.get("chunk") is not None and (exp["chunk"] < 1 or exp["chunk"] > (exp.get("context_length") or exp["chunk"])):
+        raise TargetError(f"profile {source}: 'export.chunk' {exp['chunk']} must be between 1 and "
+                          f"'export.context_length' ({exp.get('context_length')})")
     return Target(name=data["name"], description=data.get("description", ""), device=data["device"],
                   platforms=list(data.get("platforms") or []), export=dict(exp),
                   runtime=dict(data["runtime"]), architectures=list(data.get("architectures") or []),

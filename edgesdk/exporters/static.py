@@ -1,0 +1,693 @@
+"""The static recipe: fixed-shape prefill/decode graphs for NPUs (QNN HTP, OpenVINO) and CoreML.
+
+The builder's FP32 CPU graph already has each architecture right (fused QKV, q/k norms,
+biases, RoPE caches for every scaling). We rewrite it rather than write a second exporter:
+
+- the embedding lookup moves to the host (``embed.npy``): CoreML's checker refuses Gather, and
+  one graph family then serves every target; the graph takes ``inputs_embeds``;
+- GroupQueryAttention becomes explicit attention (MatMul, Softmax, an additive mask input),
+  with RoPE as ``x * cos + (x @ R) * sin`` where R is a constant signed permutation and cos/sin
+  are inputs the host gathers from the builder's own caches (``rope.npz``): every RoPE scaling,
+  partial rotary and interleaving works the same, with no Neg or Slice;
+- the KV cache is a fixed-size input per layer (keys stored transposed, [1, kv, head, C], so no
+  transpose of the cache runs per step); the graph outputs only the S new entries, which the
+  host writes into its buffer;
+- SkipSimplifiedLayerNormalization is split into Add + SimplifiedLayerNormalization (or, for
+  CoreML, plain ONNX ops);
+- two graphs, prefill (S tokens) and decode (1 token), share one weights file.
+
+For the NPU (precision int8/int4) the FP32 pair is calibrated on real text run through its own
+static loop and quantized to Q/DQ (A16W8 / A16W4) with onnxruntime.quantization's QNN helpers,
+weight MatMuls first turned into Gemm (see ``matmuls_to_gemm``). CoreML gets an fp16 pair of
+plain ONNX operators.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnsupportedArchitectureError
+from . import progress
+
+GRAPHS = ("prefill", "decode")
+WEIGHTS = "weights.data"
+EMBED = "embed.npy"
+ROPE = "rope.npz"
+
+
+@dataclass
+class Shape:
+    """What one static graph is specialised for."""
+    seq: int  # tokens per call (S for prefill, 1 for decode)
+    context: int  # C: cache slots
+    dtype: str = "float32"  # io/weights: float32 or float16
+    plain_ops: bool = False  # CoreML: no contrib ops (SimplifiedLayerNormalization decomposed)
+
+
+def _attrs(node) -> dict[str, Any]:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _rotation(head: int, rot: int, interleaved: bool) -> np.ndarray:
+    """R with (x @ R)[i] = rotate_half(x)[i] over the first ``rot`` dims, 0 elsewhere."""
+    r = np.zeros((head, head), np.float32)
+    half = rot // 2
+    for i in range(half):
+        if interleaved:  # pairs (2i, 2i+1): out[2i] = -x[2i+1], out[2i+1] = x[2i]
+            r[2 * i + 1, 2 * i], r[2 * i, 2 * i + 1] = -1, 1
+        else:  # halves: out[i] = -x[i+half], out[i+half] = x[i]
+            r[i + half, i], r[i, i + half] = -1, 1
+    return r
+
+
+def host_tables(model, genai: dict) -> dict[str, Any]:
+    """Read what moves to the host from the builder graph: the embedding table and RoPE caches."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    gather = next((n for n in g.node if n.op_type == "Gather" and n.input[1] == "input_ids"), None)
+    if gather is None:
+        raise UnsupportedArchitectureError("the builder graph has no embedding Gather on input_ids")
+    src = gather.input[0]
+    if src in inits:
+        table = numpy_helper.to_array(inits[src])
+    elif src in producers and producers[src].op_type == "Transpose" and producers[src].input[0] in inits:
+        table = numpy_helper.to_array(inits[producers[src].input[0]]).T  # tied to the lm_head
+    else:
+        raise UnsupportedArchitectureError(f"cannot find the embedding table of {gather.name}")
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if not gqa:
+        raise UnsupportedArchitectureError("the builder graph has no GroupQueryAttention node")
+    a = _attrs(gqa[0])
+    if not a.get("do_rotary"):
+        raise UnsupportedArchitectureError("the static recipe needs RoPE inside attention (do_rotary=1)")
+    cos = numpy_helper.to_array(inits[gqa[0].input[7]])
+    sin = numpy_helper.to_array(inits[gqa[0].input[8]])
+    for n in gqa[1:]:
+        if n.input[7] != gqa[0].input[7] or _attrs(n).get("local_window_size", -1) != a.get("local_window_size", -1):
+            raise UnsupportedArchitectureError(
+                "layers with their own RoPE caches or attention windows (Gemma 2/3) are not supported by the "
+                "static recipe yet")
+    if a.get("local_window_size", -1) not in (-1, 0):
+        raise UnsupportedArchitectureError("sliding-window attention is not supported by the static recipe yet")
+    dec = genai["model"]["decoder"]
+    return {"embed": np.ascontiguousarray(table), "cos": cos, "sin": sin,
+            "interleaved": bool(a.get("rotary_interleaved", 0)), "head_size": dec["head_size"],
+            "num_heads": dec["num_attention_heads"], "kv_heads": dec["num_key_value_heads"],
+            "layers": dec["num_hidden_layers"]}
+
+
+def rewrite(model, tables: dict[str, Any], shape: Shape):
+    """One static graph (a new ModelProto sharing the initializers' data) from the builder graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = copy.deepcopy(model)
+    g = m.graph
+    S, C = shape.seq, shape.context
+    H, nh, kvh = tables["head_size"], tables["num_heads"], tables["kv_heads"]
+    group = nh // kvh
+    hidden = tables["embed"].shape[1]
+    ftype = TensorProto.FLOAT16 if shape.dtype == "float16" else TensorProto.FLOAT
+    npf = np.float16 if shape.dtype == "float16" else np.float32
+    nodes, inits = [], []
+    consts: dict[tuple, str] = {}
+
+    def const(value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in consts:
+            name = f"static/const_{len(consts)}"
+            inits.append(numpy_helper.from_array(arr, name))
+            consts[key] = name
+        return consts[key]
+
+    def node(op, ins, name, n_out=1, **attrs) -> list[str]:
+        outs = [f"{name}/out{i}" for i in range(n_out)]
+        nodes.append(helper.make_node(op, ins, outs, name=name, **attrs))
+        return outs
+
+    # -- the embedding moves to the host
+    gather = next(n for n in g.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    renames = {gather.output[0]: "inputs_embeds"}
+    mask_in, cos_in, sin_in = "attention_bias", "cos", "sin"
+    rot = const(_rotation(H, tables["cos"].shape[1] * 2, tables["interleaved"]), npf)
+
+    def rope(x, name):
+        a = node("Mul", [x, cos_in], f"{name}/cos")[0]
+        r = node("MatMul", [x, rot], f"{name}/rotate")[0]
+        b = node("Mul", [r, sin_in], f"{name}/sin")[0]
+        return node("Add", [a, b], f"{name}/add")[0]
+
+    layer = 0
+    new_nodes = []
+    outputs = [helper.make_tensor_value_info("logits", ftype, [1, S, tables["embed"].shape[0]])]
+    inputs = [helper.make_tensor_value_info("inputs_embeds", ftype, [1, S, hidden]),
+              helper.make_tensor_value_info(mask_in, ftype, [1, 1, group * S, C + S]),
+              helper.make_tensor_value_info(cos_in, ftype, [1, 1, S, H]),
+              helper.make_tensor_value_info(sin_in, ftype, [1, 1, S, H])]
+    for n in g.node:
+        if n is gather:
+            continue
+        if n.op_type == "SkipSimplifiedLayerNormalization":
+            a = _attrs(n)
+            p = n.name.rsplit("/", 1)[0]
+            total = n.output[3] if len(n.output) > 3 and n.output[3] else f"{p}/skip_add/out"
+            new_nodes.append(helper.make_node("Add", [n.input[0], n.input[1]], [total], name=f"{p}/skip_add"))
+            new_nodes.append(helper.make_node("SimplifiedLayerNormalization", [total, n.input[2]], [n.output[0]],
+                                              name=f"{p}/norm", epsilon=a.get("epsilon", 1e-6), axis=-1,
+                                              stash_type=1))
+            continue
+        if n.op_type != "GroupQueryAttention":
+            new_nodes.append(n)
+            continue
+        a = _attrs(n)
+        i = layer
+        layer += 1
+        p = f"/static/layers.{i}/attn"
+        nodes.clear()
+        if n.input[1]:  # separate q, k, v
+            q, k, v = n.input[0], n.input[1], n.input[2]
+        else:  # packed qkv
+            q, k, v = node("Split", [n.input[0], const([nh * H, kvh * H, kvh * H])], f"{p}/split", 3, axis=-1)
+        q = node("Reshape", [q, const([1, S, nh, H])], f"{p}/q_reshape")[0]
+        q = node("Transpose", [q], f"{p}/q_transpose", perm=[0, 2, 1, 3])[0]
+        q = rope(q, f"{p}/q_rope")
+        q = node("Reshape", [q, const([1, kvh, group * S, H])], f"{p}/q_group")[0]
+        k = node("Reshape", [k, const([1, S, kvh, H])], f"{p}/k_reshape")[0]
+        k = node("Transpose", [k], f"{p}/k_transpose", perm=[0, 2, 1, 3])[0]
+        k = rope(k, f"{p}/k_rope")
+        nodes.append(helper.make_node("Transpose", [k], [f"new_key_values.{i}.key"], name=f"{p}/k_store", perm=[0, 1, 3, 2]))
+        v = node("Reshape", [v, const([1, S, kvh, H])], f"{p}/v_reshape")[0]
+        nodes.append(helper.make_node("Transpose", [v], [f"new_key_values.{i}.value"], name=f"{p}/v_store", perm=[0, 2, 1, 3]))
+        keys = node("Concat", [f"past_key_values.{i}.key", f"new_key_values.{i}.key"], f"{p}/keys", axis=3)[0]
+        values = node("Concat", [f"past_key_values.{i}.value", f"new_key_values.{i}.value"], f"{p}/values", axis=2)[0]
+        s = node("MatMul", [q, keys], f"{p}/scores")[0]
+        s = node("Mul", [s, const(a.get("scale") or 1 / np.sqrt(H), npf)], f"{p}/scale")[0]
+        if a.get("softcap"):
+            s = node("Mul", [s, const(1 / a["softcap"], npf)], f"{p}/softcap_div")[0]
+            s = node("Tanh", [s], f"{p}/softcap_tanh")[0]
+            s = node("Mul", [s, const(a["softcap"], npf)], f"{p}/softcap_mul")[0]
+        s = node("Add", [s, mask_in], f"{p}/mask")[0]
+        s = node("Softmax", [s], f"{p}/softmax", axis=-1)[0]
+        o = node("MatMul", [s, values], f"{p}/context")[0]
+        o = node("Reshape", [o, const([1, nh, S, H])], f"{p}/o_heads")[0]
+        o = node("Transpose", [o], f"{p}/o_transpose", perm=[0, 2, 1, 3])[0]
+        nodes.append(helper.make_node("Reshape", [o, const([1, S, nh * H])], [n.output[0]], name=f"{p}/o_merge"))
+        new_nodes.extend(nodes)
+        inputs += [helper.make_tensor_value_info(f"past_key_values.{i}.key", ftype, [1, kvh, H, C]),
+                   helper.make_tensor_value_info(f"past_key_values.{i}.value", ftype, [1, kvh, C, H])]
+        outputs += [helper.make_tensor_value_info(f"new_key_values.{i}.key", ftype, [1, kvh, H, S]),
+                    helper.make_tensor_value_info(f"new_key_values.{i}.value", ftype, [1, kvh, S, H])]
+    for n in new_nodes:
+        for j, name in enumerate(n.input):
+            if name in renames:
+                n.input[j] = renames[name]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(inits)
+    del g.input[:]
+    g.input.extend(inputs)
+    del g.output[:]
+    g.output.extend(outputs)
+    del g.value_info[:]
+    _prune(g)
+    if shape.plain_ops:
+        _decompose_norms(g)
+    if shape.dtype == "float16":
+        _to_fp16(g)
+    _check_static(m)
+    return m
+
+
+def _prune(g) -> None:
+    """Drop nodes nothing reads (the builder's mask subgraph) and initializers no node reads."""
+    from .builder import drop_unused_initializers
+
+    needed = {o.name for o in g.output}
+    kept = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            kept.append(n)
+            needed.update(i for i in n.input if i)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    drop_unused_initializers(g)
+
+
+def _decompose_norms(g) -> None:
+    """SimplifiedLayerNormalization (an onnxruntime contrib op) as plain ONNX: x / sqrt(mean(x^2) + eps) * w."""
+    from onnx import helper, numpy_helper
+
+    out = []
+    for n in g.node:
+        if n.op_type != "SimplifiedLayerNormalization":
+            out.append(n)
+            continue
+        eps = _attrs(n).get("epsilon", 1e-6)
+        p, x = n.name, n.input[0]
+        e = f"{p}/eps"
+        g.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), e))
+        out += [helper.make_node("Mul", [x, x], [f"{p}/sq"], name=f"{p}/sq"),
+                helper.make_node("ReduceMean", [f"{p}/sq", f"{p}/axes"], [f"{p}/ms"], name=f"{p}/ms", keepdims=1),
+                helper.make_node("Add", [f"{p}/ms", e], [f"{p}/mse"], name=f"{p}/mse"),
+                helper.make_node("Sqrt", [f"{p}/mse"], [f"{p}/rms"], name=f"{p}/rms"),
+                helper.make_node("Div", [x, f"{p}/rms"], [f"{p}/normed"], name=f"{p}/normed"),
+                helper.make_node("Mul", [f"{p}/normed", n.input[1]], [n.output[0]], name=f"{p}/scale")]
+        g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{p}/axes"))
+    del g.node[:]
+    g.node.extend(out)
+
+
+def _to_fp16(g) -> None:
+    """Every float initializer, input and output as float16 (the attention consts are made so already)."""
+    from onnx import TensorProto, numpy_helper
+
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            arr = numpy_helper.to_array(t).astype(np.float16)
+            g.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
+
+
+def _check_static(m) -> None:
+    """Fail unless every tensor has a static shape; keep the inferred shapes in the graph (the
+    quantizer's calibration picks the tensors to observe from them)."""
+    import onnx
+    from onnx import helper
+
+    # Infer on a weightless copy: big initializers become typed inputs, and the contrib
+    # SimplifiedLayerNormalization (unknown to ONNX) an Identity of its input.
+    g = m.graph
+    light = helper.make_graph(
+        [helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name)
+         if n.op_type == "SimplifiedLayerNormalization" else n for n in g.node], "shapes",
+        list(g.input) + [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                         for i in g.initializer if np.prod(i.dims) > 64],
+        list(g.output), [i for i in g.initializer if np.prod(i.dims) <= 64])
+    inferred = onnx.shape_inference.infer_shapes(
+        helper.make_model(light, opset_imports=m.opset_import, ir_version=m.ir_version), strict_mode=True)
+    outputs = {o.name for o in g.output}
+    del g.value_info[:]
+    g.value_info.extend(v for v in inferred.graph.value_info if v.name not in outputs)
+    dyn = [v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+           if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
+    known = {v.name for v in inferred.graph.value_info} | outputs
+    dyn += [o for n in g.node for o in n.output if o and o not in known]
+    if dyn:
+        raise UnsupportedArchitectureError(f"the static graph still has dynamic shapes ({', '.join(dyn[:3])})")
+    bad = sorted({n.op_type for n in m.graph.node} & {"Shape", "GroupQueryAttention", "SkipSimplifiedLayerNormalization",
+                                                      "Range", "Expand", "NonZero"})
+    if bad:
+        raise UnsupportedArchitectureError(f"the static graph still has {', '.join(bad)} nodes")
+
+
+def save_family(models: dict[str, Any], folder: Path, data_name: str = WEIGHTS) -> dict[str, int]:
+    """Write graphs ``name.onnx`` whose initializers live once in ``folder/data_name`` (identical
+    tensors of different graphs share one copy). Returns bytes written / bytes referenced."""
+    import onnx
+    from onnx import TensorProto
+
+    seen: dict[bytes, tuple[int, int]] = {}
+    written = referenced = 0
+    with open(folder / data_name, "wb") as f:
+        for name, model in models.items():
+            for t in model.graph.initializer:
+                if not t.HasField("raw_data") or len(t.raw_data) < 1024:
+                    continue  # small, or typed fields (packed int4 does not round-trip through numpy): inline
+                raw = t.raw_data
+                key = hashlib.sha256(raw).digest() + bytes([t.data_type]) + str(list(t.dims)).encode()
+                if key not in seen:
+                    pad = (-f.tell()) % 64
+                    f.write(b"\0" * pad)
+                    seen[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                    written += len(raw)
+                offset, length = seen[key]
+                referenced += length
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+            onnx.save_model(model, str(folder / f"{name}.onnx"))
+    (folder / data_name).chmod(0o644)
+    return {"written": written, "referenced": referenced}
+
+
+def write_host_tables(tables: dict[str, Any], folder: Path, dtype: str) -> None:
+    np.save(folder / EMBED, tables["embed"].astype(dtype))
+    np.savez(folder / ROPE, cos=tables["cos"].astype(np.float32), sin=tables["sin"].astype(np.float32),
+             interleaved=np.array(tables["interleaved"]))
+
+
+def build_family(builder_model_path: Path, genai: dict, folder: Path, chunk: int, context: int,
+                 dtype: str = "float32", plain_ops: bool = False) -> dict[str, Any]:
+    """The prefill/decode pair (FP32 or FP16) from the builder graph at ``builder_model_path``."""
+    import onnx
+
+    model = onnx.load(str(builder_model_path))
+    tables = host_tables(model, genai)
+    family = {"prefill": rewrite(model, tables, Shape(chunk, context, dtype, plain_ops)),
+              "decode": rewrite(model, tables, Shape(1, context, dtype, plain_ops))}
+    del model
+    sizes = save_family(family, folder)
+    write_host_tables(tables, folder, dtype)
+    return {"chunk": chunk, "context": context, "dtype": dtype, "graphs": {k: f"{k}.onnx" for k in family},
+            "weights": WEIGHTS, "embed": EMBED, "rope": ROPE, "layers": tables["layers"],
+            "num_heads": tables["num_heads"], "num_kv_heads": tables["kv_heads"], "head_size": tables["head_size"],
+            "hidden_size": int(tables["embed"].shape[1]), "vocab_size": int(tables["embed"].shape[0]),
+            "weights_bytes": sizes["written"]}
+
+
+
+# -- the export ---------------------------------------------------------------------------------
+DEFAULT_CHUNK = 64
+FLOAT_MASK = -1e4  # additive mask of the FP32/FP16 graphs: exact (exp underflows to 0)
+QDQ_MASK = -100.0  # of the QDQ graphs: the mask sets the 16-bit range of the scores; -100 is ~0 after softmax
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+QDQ = {"int8": ("QInt8", "A16W8"), "int4": ("QInt4", "A16W4")}
+
+
+def check_options(context: int | None, chunk: int | None, calibration: str | Path | None) -> None:
+    """What can be checked before any work (the model's own limits are checked once it is read)."""
+    from ..errors import InvalidArgumentError
+
+    if chunk is not None and chunk < 1:
+        raise InvalidArgumentError(f"--chunk {chunk} is invalid: it must be at least 1")
+    if context is not None and chunk is not None and chunk >= context:
+        why = "exceeds" if chunk > context else "leaves no room to decode in"
+        raise InvalidArgumentError(f"the prefill chunk of {chunk} tokens {why} the context of {context}; "
+                                   "use a smaller --chunk or a larger --context")
+    if calibration is not None:
+        p = Path(calibration)
+        if not p.is_file():
+            raise InvalidArgumentError(f"calibration text {p} does not exist")
+        if not p.read_text(errors="replace").strip():
+            raise InvalidArgumentError(f"calibration text {p} is empty; pass a file of real text")
+
+
+def _model_context(hf_dir: Path) -> int | None:
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    return cfg.get("max_position_embeddings")
+
+
+def _calibration_ids(hf_dir: Path, path: Path, chunk: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    from ..errors import InvalidArgumentError
+
+    ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(path.read_text(errors="replace")).ids
+    if len(ids) < chunk + 1:
+        raise InvalidArgumentError(f"calibration text {path} has {len(ids)} tokens; it needs at least {chunk + 1} "
+                                   "(one prefill chunk and a decode step)")
+    return ids
+
+
+def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int = 4, max_windows: int = 4,
+                       decode_steps: int = 16) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Run real text through the FP32 pair with the static loop itself and keep every graph's
+    inputs: prefill chunks (up to ``max_chunks`` per window of the context) then one-token decode
+    steps (up to ``decode_steps``), teacher-forced on the text, in up to ``max_windows`` windows."""
+    from ..runtime.session import create_session
+    from ..runtime.static_decoder import StaticDecoder
+
+    records: dict[str, list] = {"prefill": [], "decode": []}
+    sessions = [create_session(folder / f"{g}.onnx") for g in GRAPHS]
+    dec = StaticDecoder(folder, info, *sessions, recorder=lambda g, feeds: records[g].append(feeds))
+    C, S = info["context"], info["chunk"]
+    steps = min(decode_steps, C - S)
+    prefill = min(max_chunks * S, C - steps) // S * S
+    windows = [ids[i: i + prefill + steps] for i in range(0, len(ids), prefill + steps)]
+    windows = ([w for w in windows if len(w) > S] or [ids[: prefill + steps]])[:max_windows]
+    total = sum(len(w[:prefill]) // S + min(steps, len(w) - len(w[:prefill]) // S * S) for w in windows)
+    with bar(total, "calibrating") as tick:
+        for w in windows:
+            dec.rewind(0)
+            head = w[: len(w[:prefill]) // S * S]
+            for i in range(0, len(head), S):
+                dec.forward(head[i: i + S])
+                tick()
+            for t in w[len(head):][:steps]:
+                dec.forward([t])
+                tick()
+    return records
+
+
+@contextlib.contextmanager
+def bar(total: int, label: str):
+    """A progress bar on stderr for work we do ourselves; yields tick() (nothing when quiet)."""
+    done = [0]
+    t0 = time.perf_counter()
+
+    def tick(n: int = 1) -> None:
+        done[0] += n
+        if not progress._quiet and total:
+            fill = "#" * (24 * done[0] // total)
+            sys.stderr.write(f"\r    {label} [{fill:<24}] {done[0]}/{total} ({time.perf_counter() - t0:.0f}s)")
+            sys.stderr.flush()
+    yield tick
+    if not progress._quiet and total:
+        sys.stderr.write("\n")
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over recorded feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds, self.i = feeds, 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def matmuls_to_gemm(model) -> None:
+    """MatMul(x [1, S, in], W [in, out]) -> Reshape, Gemm(x, W^T [out, in], transB=1), Reshape.
+
+    Measured on the HTP simulator: per-channel weights on a MatMul (axis 1) compute wrong
+    results there (silently: every node placed, greedy tokens unrelated to the CPU's Q/DQ
+    emulation), while a Gemm with per-channel weights on axis 0 matches the CPU to 16-bit noise.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(g.value_info) + list(g.input) + list(g.output)}
+    out, done = [], {}
+    for n in g.node:
+        w = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) > 1 else None
+        x_shape = shapes.get(n.input[0])
+        if w is None or len(w.dims) != 2 or not x_shape or len(x_shape) != 3 or n.input[0] in inits:
+            out.append(n)
+            continue
+        if w.name not in done:
+            wt = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), w.name + ".T")
+            g.initializer.append(wt)
+            done[w.name] = wt.name
+        rows, k, m = x_shape[0] * x_shape[1], int(w.dims[0]), int(w.dims[1])
+        p = n.name
+        s2, s3 = f"{p}/shape2d", f"{p}/shape3d"
+        g.initializer.extend([numpy_helper.from_array(np.array([rows, k], np.int64), s2),
+                              numpy_helper.from_array(np.array([x_shape[0], x_shape[1], m], np.int64), s3)])
+        out += [helper.make_node("Reshape", [n.input[0], s2], [f"{p}/x2d"], name=f"{p}/to2d"),
+                helper.make_node("Gemm", [f"{p}/x2d", done[w.name]], [f"{p}/y2d"], name=p, transB=1),
+                helper.make_node("Reshape", [f"{p}/y2d", s3], [n.output[0]], name=f"{p}/to3d")]
+    del g.node[:]
+    g.node.extend(out)
+    _prune(g)
+    _check_static(model)
+
+
+def _channel_scales(folder: Path, init, qtype) -> list[dict[str, Any]]:
+    """Symmetric per-output-channel (axis 0) scales of a Gemm weight, computed at once: given as
+    overrides, onnxruntime skips its own per-channel loop (seconds per 50k-row lm_head)."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(init, base_dir=str(folder))
+    qmax = 7 if "4" in qtype.name else 127
+    scale = np.maximum(np.abs(w).max(axis=1), 1e-8).astype(np.float32) / qmax
+    return [{"quant_type": qtype, "axis": 0, "scale": np.float32(s), "zero_point": 0}
+            for s in scale]
+
+
+def qdq_config(src: Path, precision: str, ranges: dict[str, tuple[float, float]]):
+    """QDQ for the NPU: 16-bit activations, symmetric per-channel 8- or 4-bit weights, MinMax."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    m = onnx.load(str(src), load_external_data=False)
+    inits = {i.name: i for i in m.graph.initializer}
+    wtype = getattr(QuantType, QDQ[precision][0])
+    # per output channel: axis 0 of a Gemm's W^T [out, in] (see matmuls_to_gemm)
+    gemms = [n.input[1] for n in m.graph.node if n.op_type == "Gemm" and n.input[1] in inits]
+    # The lm_head (the widest weight) stays 8-bit in A16W4: QNN 2.7 fails to unpack it in 4 bits
+    # ("Failed to unpack Tensor<Int4x2>", measured) and 4-bit logits cost the most accuracy.
+    head = max(gemms, key=lambda w: inits[w].dims[0])
+    overrides = {w: _channel_scales(src.parent, inits[w], QuantType.QInt8 if w == head else wtype) for w in gemms}
+    # Host inputs whose full range is known: calibration text alone would clip them (an embedding
+    # row it never saw, a position past its windows).
+    overrides.update({name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()})
+    cfg = get_qnn_qdq_config(str(src), None, activation_type=QuantType.QUInt16, weight_type=wtype,
+                             per_channel=True, init_overrides=overrides,
+                             calibration_providers=["CPUExecutionProvider"])
+    cfg.use_external_data_format = True
+    return cfg
+
+
+def observe_ranges(src: Path, feeds: list[dict[str, np.ndarray]], cfg, work: Path, batch: int = 8):
+    """MinMax ranges of every tensor the config quantizes, over the recorded feeds, ``batch`` records
+    at a time (each collect_data call folds its outputs into the ranges, so memory holds one batch).
+
+    Not onnxruntime's CalibMaxIntermediateOutputs: in 1.32 it drops every full batch unobserved
+    (collect_data clears them without computing their ranges; measured: logit correlation with
+    FP32 0.976 instead of 0.999 on a tiny model).
+    """
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp, progress.library_output():
+        cal = create_calibrator(src, cfg.op_types_to_quantize, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                                providers=["CPUExecutionProvider"])
+        for i in range(0, len(feeds), batch):
+            cal.collect_data(_Reader(feeds[i: i + batch]))
+        data = cal.compute_data()
+        del cal
+    return data
+
+
+def joint_ranges(observed: list, path: Path) -> None:
+    """One range per tensor name over both graphs (they share names), written as onnxruntime's
+    calibration cache: the prefill and decode graphs then quantize every activation alike, so a
+    speculative verification (prefill graph) and a decode step agree token for token."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
+
+    merged: dict[str, tuple] = {}
+    for data in observed:
+        for name in data:
+            d = data[name]
+            lo, hi = np.float32(np.min(d.range_value[0])), np.float32(np.max(d.range_value[1]))
+            if name in merged:
+                lo, hi = min(lo, merged[name][0]), max(hi, merged[name][1])
+            merged[name] = (lo, hi)
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, merged), path)
+
+
+def quantize_graph(src: Path, dst: Path, cfg, cache: Path) -> None:
+    _quantize_static(src, dst, cfg, cfg.extra_options, None, cache)
+
+
+def _quantize_static(src: Path, dst: Path, cfg, extra: dict, reader, cache: Path) -> None:
+    from onnxruntime.quantization import quantize_static
+
+    with progress.library_output():
+        quantize_static(str(src), str(dst), reader, calibrate_method=cfg.calibrate_method, quant_format=cfg.quant_format,
+                        activation_type=cfg.activation_type, weight_type=cfg.weight_type,
+                        op_types_to_quantize=cfg.op_types_to_quantize, nodes_to_quantize=cfg.nodes_to_quantize,
+                        nodes_to_exclude=cfg.nodes_to_exclude, per_channel=cfg.per_channel,
+                        reduce_range=cfg.reduce_range, use_external_data_format=True,
+                        calibration_providers=cfg.calibration_providers, extra_options=extra,
+                        calibration_cache_path=str(cache))
+
+
+def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, context: int | None,
+           chunk: int | None, calibration: str | Path | None) -> dict[str, Any]:
+    """Build the static pair for ``profile`` into ``folder`` (with genai_config.json and the
+    tokenizer next to it); return the manifest's ``model.static`` entry."""
+    import shutil
+
+    from ..errors import InvalidArgumentError
+    from . import builder
+    from .progress import stage
+
+    model_context = _model_context(hf_dir)
+    if context and model_context and context > model_context:
+        raise InvalidArgumentError(f"--context {context} is beyond the model's context of {model_context}")
+    context = context or min(profile.export.get("context_length") or model_context, model_context or 1 << 30)
+    chunk = chunk or max(1, min(profile.export.get("chunk") or DEFAULT_CHUNK, context - 1))
+    check_options(context, chunk, calibration)
+    ep = profile.export.get("execution_provider", "cpu")
+    qdq = precision in QDQ
+    cal_path = Path(calibration) if calibration else CALIBRATION_TEXT
+    cal_ids = _calibration_ids(hf_dir, cal_path, chunk) if qdq else None
+    base = work / "builder"
+    builder.build(hf_dir, base, work / "cache", "fp32", "cpu", {})
+    genai = json.loads((base / "genai_config.json").read_text())
+    dtype = "float16" if precision == "fp16" else "float32"
+    plain = ep == "coreml"
+    target_dir = work / "fp32" if qdq else folder
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with stage(f"Rewriting it into static prefill ({chunk} tokens) and decode graphs over a context of {context}"):
+        info = build_family(base / genai["model"]["decoder"]["filename"], genai, target_dir, chunk, context,
+                            dtype, plain)
+    info["mask_value"] = QDQ_MASK if qdq else FLOAT_MASK
+    info["io_dtype"] = dtype
+    info["plain_ops"] = plain
+    if qdq:
+        import resource
+
+        with stage(f"Calibrating on {cal_path.name} through the static loop"):
+            records = record_calibration(target_dir, info, cal_ids)
+        import onnx
+
+        gemm_dir = work / "gemm"
+        gemm_dir.mkdir()
+        family = {g: onnx.load(str(target_dir / f"{g}.onnx")) for g in GRAPHS}
+        for m in family.values():
+            matmuls_to_gemm(m)
+        save_family(family, gemm_dir)
+        del family
+        table = np.load(target_dir / EMBED, mmap_mode="r")
+        ranges = {"inputs_embeds": (float(table.min()), float(table.max())), "cos": (-1.0, 1.0),
+                  "sin": (-1.0, 1.0), "attention_bias": (QDQ_MASK, 0.0)}
+        del table
+        quantized = {}
+        cfgs = {g: qdq_config(gemm_dir / f"{g}.onnx", precision, ranges) for g in GRAPHS}
+        observed = []
+        for g in GRAPHS:
+            with stage(f"Observing the {g} graph's activation ranges ({len(records[g])} calibration records)"):
+                observed.append(observe_ranges(gemm_dir / f"{g}.onnx", records[g], cfgs[g], work))
+            records[g] = None
+        joint_ranges(observed, work / "ranges.json")
+        for g in GRAPHS:
+            with stage(f"Quantizing the {g} graph ({QDQ[precision][1]}: 16-bit activations, "
+                       f"{8 if precision == 'int8' else 4}-bit symmetric per-channel weights)"):
+                quantize_graph(gemm_dir / f"{g}.onnx", work / f"{g}.qdq.onnx", cfgs[g], work / "ranges.json")
+        for g in GRAPHS:
+            quantized[g] = onnx.load(str(work / f"{g}.qdq.onnx"))
+        info["weights_bytes"] = save_family(quantized, folder)["written"]
+        for f in (EMBED, ROPE):
+            shutil.copy(target_dir / f, folder / f)
+        info["quantization"] = {"scheme": QDQ[precision][1], "activations": "uint16", "weights": QDQ[precision][0].lower(),
+                                "per_channel": True, "symmetric_weights": True, "calibration": cal_path.name,
+                                "calibration_tokens": len(cal_ids), "method": "MinMax"}
+        info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    for f in base.iterdir():  # tokenizer, chat template, generation config
+        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "genai_config.json":
+            shutil.copy(f, folder / f.name)
+    genai["model"]["decoder"]["filename"] = "decode.onnx"
+    genai["model"]["context_length"] = context
+    genai["search"]["max_length"] = context
+    (folder / "genai_config.json").write_text(json.dumps(genai, indent=4))
+    return info
