@@ -203,8 +203,10 @@ def test_smollm2_fp32_static_pair_is_exact(real, tmp_path_factory):
     dynamic = edgesdk.load(real.export("fp32"))
     for prompt in ["The capital of France is", TEXT]:
         a, b = static.generate(prompt, max_new_tokens=32), dynamic.generate(prompt, max_new_tokens=32)
-        n = min(len(a.token_ids), len(b.token_ids))  # measured: one ends on EOS at 30, a near-tie of logits
-        assert n > 24 and a.token_ids[:n] == b.token_ids[:n], prompt
+        # the model itself ends on EOS (after 30 and 21 tokens); in one of two full runs the static pair
+        # ended on EOS at 30 where the dynamic graph went on: a near-tie of the EOS logit
+        n = min(len(a.token_ids), len(b.token_ids))
+        assert n > 16 and a.token_ids[:n] == b.token_ids[:n], prompt
         assert len(a.token_ids) == len(b.token_ids) or {a.finish_reason, b.finish_reason} == {"stop", "length"}
     ids = static.tokenizer.encode(TEXT * 3)[:150]
     dynamic.decoder.rewind(0)
