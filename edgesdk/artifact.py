@@ -180,11 +180,11 @@ def _check_writable(out: Path) -> None:
         raise OutputExistsError(f"cannot write to {base} ({e.strerror or e}); choose another -o") from None
 
 
-def _make_parent(out: Path) -> None:
+def _staging_folder(out: Path) -> Path:
+    """A new empty folder beside ``out`` (its parents made first)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)
-        os.rmdir(probe)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
         raise OutputExistsError(f"cannot write to {out.parent} ({e.strerror or e}); choose another -o") from None
 
@@ -198,8 +198,7 @@ def staging(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     fails half-way, the old artifact is put back.
     """
     out = check_destination(out, force)
-    _make_parent(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = _staging_folder(out)
     try:
         yield tmp
         check_destination(out, force)  # nothing appeared there meanwhile that we must not replace

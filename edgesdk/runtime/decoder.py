@@ -29,6 +29,15 @@ def cache_spec(genai_config: dict, session: ort.InferenceSession) -> CacheSpec:
         present_key=outs["present_key_names"], present_value=outs["present_value_names"])
 
 
+def check_room(start: int, n: int, max_length: int, remedy: str) -> None:
+    """Refuse a forward() of ``n`` tokens after ``start`` cached ones that the context cannot hold."""
+    if n == 0:
+        raise ValueError("forward() needs at least one token")
+    if start + n > max_length:
+        raise ContextOverflowError(f"{start + n} tokens do not fit the context of {max_length}; shorten the "
+                                   f"prompt, lower max_new_tokens, or {remedy}")
+
+
 class Decoder:
     def __init__(self, session: ort.InferenceSession, genai_config: dict, max_length: int,
                  device: str = "cpu", device_id: int = 0):
@@ -74,12 +83,7 @@ class Decoder:
         """Run ``ids`` after the cached positions; return their logits, shape [len(ids), vocab], float32."""
         n = len(ids)
         start = self.cache.length
-        if n == 0:
-            raise ValueError("forward() needs at least one token")
-        if start + n > self.max_length:
-            raise ContextOverflowError(
-                f"{start + n} tokens do not fit the context of {self.max_length}; shorten the prompt, "
-                "lower max_new_tokens, or load with a larger max_length")
+        check_room(start, n, self.max_length, "load with a larger max_length")
         b = self.binding
         b.bind_cpu_input(self.input_ids_name, np.asarray(ids, dtype=np.int64).reshape(1, n))
         b.bind_cpu_input(self.mask_name, self._mask[:, : start + n])

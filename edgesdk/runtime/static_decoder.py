@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ContextOverflowError
+from .decoder import check_room
 
 
 def rope_tables(path: Path, head: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,12 +112,7 @@ class StaticDecoder:
         """Run ``ids`` after the cached positions; return their logits, shape [len(ids), vocab], float32."""
         n = len(ids)
         start = self._length
-        if n == 0:
-            raise ValueError("forward() needs at least one token")
-        if start + n > self.max_length:
-            raise ContextOverflowError(
-                f"{start + n} tokens do not fit the context of {self.max_length}; shorten the prompt, "
-                "lower max_new_tokens, or export with a larger --context")
+        check_room(start, n, self.max_length, "export with a larger --context")
         out = []
         pos = 0
         while pos < n:
