@@ -4,6 +4,7 @@ errors for a bad build file. Sources are the session's tiny random llama (an HF 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,19 +89,25 @@ models:
     priv, pub = tmp_path / "k.pem", tmp_path / "k.pub.pem"
     priv.write_bytes(key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo))
-    for _ in range(2):  # the second time over a signed output
+    f.write_text(f.read_text().replace("precisions: [fp32]", "precisions: [fp32, int4]", 1))
+    for i in range(2):  # the second time over signed outputs
         p = run_cli("build", str(f), "--only", "model=tiny", "--sign-key", str(priv), "--package", "tiny.ortpackage")
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "tiny-cpu-fp32: cached" in p.stdout and "1 entries: 0 built, 1 cached, 0 failed" in p.stdout
+        assert "tiny-cpu-fp32: cached" in p.stdout, p.stdout
+        assert f"2 entries: {1 - i} built, {1 + i} cached, 0 failed" in p.stdout
         assert "cached, signed" in p.stdout
     assert "provenance.json" in artifact.read(out).manifest["files"]
     for n, data in first.items():  # every payload file (the manifest lists all but itself)
         assert (out / n).read_bytes() == data, n
     from edgesdk.distribute import package
 
-    assert [v["name"] for v in package.variants(tmp_path / "out" / "tiny.ortpackage")] == ["cpu-fp32"]
-    assert "packaged 1 variants" in p.stdout
-    model = edgesdk.load(package.select(tmp_path / "out" / "tiny.ortpackage"), public_key=pub)  # still signed
+    pkg = tmp_path / "out" / "tiny.ortpackage"
+    vs = package.variants(pkg)
+    assert sorted(v["name"] for v in vs) == ["cpu-fp32", "cpu-int4"] and "packaged 2 variants" in p.stdout
+    assert all("tokenizer.json" in v["shared"] for v in vs)  # stored once, as a shared asset
+    for target in ("auto", "cpu"):  # each variant, with its shared files, still verifies as signed
+        model = edgesdk.load(package.select(pkg, target), public_key=pub)
+        assert model.generate("Hello", max_new_tokens=4).generated_tokens >= 1
     assert (out / "model.sig").is_file()
     model = edgesdk.load(out, public_key=pub)
     assert model.generate("Hello", max_new_tokens=4).generated_tokens >= 1
@@ -172,6 +179,21 @@ def test_package_is_selected_and_run_by_onnxruntime_and_edgesdk(two_targets, tmp
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert set(manifest["components"]["model"]["variants"]) == {"cpu-fp32", "directml-int4"}
 
+    # files byte-identical in both variants (the tokenizer) are stored once, as onnxruntime's
+    # content-addressed shared assets; each variant keeps its own graph, manifest and the rest
+    same = sorted(rel for rel, meta in artifact.read(cpu).manifest["files"].items()
+                  if artifact.read(dml).manifest["files"].get(rel, {}).get("sha256") == meta["sha256"])
+    assert "tokenizer.json" in same and "model.onnx" not in same
+    assets = sorted((pkg / "shared_assets").iterdir())
+    assert len(assets) == len(same) and all(a.name.startswith("sha256-") for a in assets)
+    assert ort.ModelPackage.compute_directory_hash(str(assets[0])) == assets[0].name.replace("-", ":", 1)
+    assert "2 variants, %d shared assets" % len(same) in p.stdout
+    for v in ("cpu-fp32", "directml-int4"):
+        assert not any((pkg / "variants" / v / rel).exists() for rel in same)
+        assert (pkg / "variants" / v / "model.onnx").is_file() and (pkg / "variants" / v / "edgesdk.json").is_file()
+    size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+    assert size < sum(f.stat().st_size for a in (cpu, dml) for f in a.rglob("*") if f.is_file())
+
     # onnxruntime's own reader picks the variant its EPs can run (CPU here) and runs it
     ctx = ort.ModelPackageContext(str(pkg))
     assert ctx.get_variant_ep_name("model", "directml-int4") == "DmlExecutionProvider"
@@ -180,10 +202,15 @@ def test_package_is_selected_and_run_by_onnxruntime_and_edgesdk(two_targets, tmp
     direct = ort.InferenceSession(str(cpu / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(_run_decoder(comp.create_session()), _run_decoder(direct))
 
-    # edgesdk picks the same variant for this machine; it is a whole artifact that load() opens
+    # edgesdk picks the same variant for this machine, as a whole artifact that load() opens and
+    # checks: the variant's files and its shared files, linked once into a view
     chosen = package.select(pkg, target="auto")
-    assert chosen == pkg / "variants" / "cpu-fp32"
-    assert package.select(pkg, target="directml") == pkg / "variants" / "directml-int4"
+    assert chosen.parent == pkg / ".edgesdk" / "views" and chosen.name.startswith("cpu-fp32-")
+    assert artifact.read(chosen, verify="full").manifest == artifact.read(cpu).manifest
+    assert os.path.samefile(chosen / "tokenizer.json", next(
+        p for p in (pkg / "shared_assets").rglob("tokenizer.json")))
+    assert package.select(pkg, target="auto") == chosen  # made once
+    assert package.select(pkg, target="directml").name.startswith("directml-int4-")
     want = edgesdk.load(cpu).generate("Hello", max_new_tokens=6).token_ids
     assert edgesdk.load(chosen, target="auto").generate("Hello", max_new_tokens=6).token_ids == want
     loaded = edgesdk.load(pkg)  # load() takes the package itself and opens this machine's variant

@@ -18,7 +18,11 @@ def run(a: argparse.Namespace) -> int:
     from ..distribute import package
 
     out = package.create(a.artifacts, a.out, name=a.name, version=a.pkg_version, force=a.force)
-    for v in package.variants(out):
-        print(f"  {v['name']}: {v['ep']} ({v['device']})")
-    print(f"wrote {out} ({len(a.artifacts)} variants); onnxruntime selects one with ModelPackageContext")
+    vs = package.variants(out)
+    for v in vs:
+        print(f"  {v['name']}: {v['ep']} ({v['device']})"
+              + (f", {len(v['shared'])} shared file(s)" if v["shared"] else ""))
+    assets = {uri for v in vs for uri in v["assets"]}
+    print(f"wrote {out} ({len(vs)} variants" + (f", {len(assets)} shared assets" if assets else "")
+          + "); onnxruntime selects one with ModelPackageContext")
     return 0
