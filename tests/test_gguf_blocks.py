@@ -34,7 +34,8 @@ def _random_blocks(kind: str, n_blocks: int, rng) -> np.ndarray:
     """Random bytes laid out as ``kind`` blocks, with finite fp16 scale fields."""
     nbytes, _, _ = DECODERS[kind]
     raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
-    halves = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]
+    halves = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
+              "Q6_K": [208]}[kind]
     for at in halves:
         raw[:, at:at + 2] = rng.uniform(0.001, 0.05, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw

@@ -125,6 +125,69 @@ def test_load_picks_qnn_and_a_cpu_draft_speculates_for_it(tiny):
     assert a.token_ids == b.token_ids and a.text == b.text
 
 
+def test_ep_context_binaries_load_fast_and_decode_the_same(tiny, tmp_path):
+    """export --ep-context compiles each static graph into a QNN context binary (EPContext model),
+    recorded in the manifest; load(target="qnn") runs those, token for token like the portable
+    graphs; the CPU still runs the portable graphs of the same artifact."""
+    import time
+
+    plain = qnn_export(tiny, "llama", "int8")
+    out = tmp_path / "ctx"
+    p = run_cli("export", str(tiny.model("llama")), "--target", "qnn", "--context", str(CONTEXT), "--chunk",
+                str(CHUNK), "--calibration", str(tiny.root / "calibration.txt"), "--ep-context", "-o", str(out), "-q")
+    assert p.returncode == 0, p.stderr
+    man = artifact.read(out).manifest
+    ctx = man["model"]["static"]["ep_context"]
+    assert ctx["provider"] == "QNNExecutionProvider" and ctx["options"]["soc_model"] == 60
+    assert ctx["graphs"] == {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}
+    for name in [*ctx["graphs"].values(), *ctx["binaries"]]:
+        assert name in man["files"]  # checksummed (and signed) like every other file
+    for g in ctx["graphs"].values():
+        assert {n.op_type for n in onnx.load(str(out / g)).graph.node} == {"EPContext"}
+    t = time.perf_counter()
+    compiled = edgesdk.load(out, target="qnn", strict=True)
+    t_compiled = time.perf_counter() - t
+    t = time.perf_counter()
+    portable = edgesdk.load(plain, target="qnn", strict=True)
+    t_portable = time.perf_counter() - t
+    print(f"load on the HTP simulator: context binaries {t_compiled:.2f} s, portable graphs {t_portable:.2f} s")
+    assert compiled.decoder.compiled and not portable.decoder.compiled
+    a = compiled.generate(PROMPTS[1], max_new_tokens=8)
+    assert a.token_ids == portable.generate(PROMPTS[1], max_new_tokens=8).token_ids
+    cpu = edgesdk.load(out, target="cpu")
+    assert not cpu.decoder.compiled and cpu.generate(PROMPTS[1], max_new_tokens=2).generated_tokens == 2
+    # where it does not apply: one line, before any work
+    from conftest import assert_one_line_error
+
+    assert_one_line_error(run_cli("export", str(tiny.model("llama")), "--target", "cpu", "--ep-context",
+                                  "-o", str(tmp_path / "no")), "--ep-context", "static targets")
+    assert_one_line_error(run_cli("export", str(tiny.model("llama")), "--target", "coreml", "--ep-context",
+                                  "-o", str(tmp_path / "no")), "--ep-context compiles QNN context binaries")
+    assert not (tmp_path / "no").exists()
+
+
+def test_strict_places_every_node_or_names_the_one_the_npu_refuses(tiny):
+    """strict=True on an NPU artifact disables CPU fallback node by node: the static pair loads
+    (every node on the HTP); a graph with nodes QNN cannot take (the builder's dynamic graph:
+    GroupQueryAttention, SkipSimplifiedLayerNormalization...) is a one-line error naming one."""
+    from edgesdk.errors import TargetError
+
+    strict = edgesdk.load(qnn_export(tiny, "llama", "int8"), target="qnn", strict=True)
+    assert strict.providers[0] == "QNNExecutionProvider"
+    assert strict.generate(PROMPTS[1], max_new_tokens=4).generated_tokens == 4
+    dynamic = tiny.export("llama", "fp32")
+    graph = onnx.load(str(dynamic / "model.onnx"), load_external_data=False)
+    ops = {n.name: n.op_type for n in graph.graph.node}
+    qnn = targets.load("qnn").providers[0]
+    with pytest.raises(TargetError) as e:
+        create_session(dynamic / "model.onnx", [(qnn["name"], qnn["options"])],
+                       extra={"session.disable_cpu_ep_fallback": "1"})
+    msg = str(e.value)
+    assert "\n" not in msg and "CPU fallback is disabled" in msg, msg
+    named = msg.split("does not support node ", 1)[1].split(" (", 1)
+    assert named[0] in ops and named[1].startswith(ops[named[0]] + ")"), msg  # a real node, its real op
+
+
 @pytest.mark.slow
 def test_smollm2_a16w8_on_the_htp_simulator(tmp_path_factory, tmp_path):
     """SmolLM2-135M `--target qnn` (C=256, S=64): every node of both graphs on the HTP with CPU

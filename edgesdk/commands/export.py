@@ -17,6 +17,8 @@ def register(sub) -> None:
                    help="static targets (qnn, openvino, coreml): prompt tokens per prefill call (default: the profile's)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="static int8/int4 targets: text to calibrate the activations on (default: a shipped text)")
+    p.add_argument("--ep-context", action="store_true", default=None,
+                   help="qnn: also compile the graphs into QNN context binaries (EPContext) for fast loading")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--eval-text", default=None, metavar="FILE",
                    help="then measure perplexity on FILE and print the delta against an FP32 reference export")
@@ -44,7 +46,7 @@ def run(a: argparse.Namespace) -> int:
     out = export(a.source, a.target, a.output, precision=a.precision, force=a.force,
                  context_length=a.context_length, quiet=a.quiet, draft=a.draft, draft_precision=a.draft_precision,
                  requantize_gguf=a.requantize_gguf, draft_vocab=a.draft_vocab, vocab_texts=a.vocab_text,
-                 chunk=a.chunk, calibration=a.calibration)
+                 chunk=a.chunk, calibration=a.calibration, ep_context=a.ep_context)
     print(out)
     if a.eval_text:
         from ..evaluate import export_quality

@@ -38,9 +38,11 @@ from ..errors import EdgeSDKError, InvalidArgumentError
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 TOP_KEYS = ("out", "cache", "defaults", "models", "sign")
 # options an entry can take (from defaults, the model, or a target given as a mapping)
-OPTION_KEYS = ("targets", "precisions", "context_length", "draft", "draft_precision", "chunk", "calibration")
+OPTION_KEYS = ("targets", "precisions", "context_length", "draft", "draft_precision", "chunk", "calibration",
+               "ep_context")
 MODEL_KEYS = ("name", "source") + OPTION_KEYS
-TARGET_KEYS = ("name", "precisions", "context_length", "chunk", "calibration", "draft", "draft_precision")
+TARGET_KEYS = ("name", "precisions", "context_length", "chunk", "calibration", "draft", "draft_precision",
+               "ep_context")
 SIGN_KEYS = ("key",)
 ONLY_KEYS = ("key", "model", "target", "precision")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -188,7 +190,7 @@ def load(path: str | os.PathLike, out: str | os.PathLike | None = None,
                                          f"(it supports {', '.join(profile.precisions)})")
                 options: dict[str, Any] = {}
                 static = profile.export.get("recipe", "builder") == "static"
-                for k in ("chunk", "calibration") if not static else ("draft",):
+                for k in ("chunk", "calibration", "ep_context") if not static else ("draft",):
                     if t_opts.get(k) is not None:
                         raise BuildFileError(f"{name}: {where}: {k} does not apply to target {t} "
                                              + ("(static graphs: load a CPU draft at run time)" if static
@@ -206,6 +208,13 @@ def load(path: str | os.PathLike, out: str | os.PathLike | None = None,
                     options["draft"] = _source(t_opts["draft"], base, f"{where} draft", name)
                     if t_opts.get("draft_precision"):
                         options["draft_precision"] = t_opts["draft_precision"]
+                if t_opts.get("ep_context") is not None:
+                    if not isinstance(t_opts["ep_context"], bool):
+                        raise BuildFileError(f"{name}: {where}: ep_context must be true or false, "
+                                             f"not {t_opts['ep_context']!r}")
+                    if t_opts["ep_context"] and profile.export.get("execution_provider") != "qnn":
+                        raise BuildFileError(f"{name}: {where}: ep_context applies to target qnn, not {t}")
+                    options["ep_context"] = t_opts["ep_context"]
                 if t_opts.get("calibration") is not None:
                     cal = Path(_resolve_path(str(t_opts["calibration"]), base))
                     if not cal.is_file():

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from .. import artifact, targets
 from ..provenance import package_versions
 from ..errors import InvalidArgumentError
-from . import builder, export_cache, sources
+from . import builder, export_cache, logits, sources
 from .progress import say, set_quiet, stage
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -39,7 +39,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
            quiet: bool = False, draft: str | os.PathLike | None = None,
            draft_precision: str | None = None, requantize_gguf: bool = False,
            draft_vocab: int | None = None, vocab_texts: Sequence[str | os.PathLike] = (),
-           _record: bool = True, chunk: int | None = None, calibration: str | os.PathLike | None = None) -> Path:
+           _record: bool = True, chunk: int | None = None, calibration: str | os.PathLike | None = None,
+           ep_context: bool | None = None) -> Path:
     """Export ``source`` (HF folder, hub id, .gguf or pkg:DIST) for ``target`` into the folder ``out``.
 
     ``draft``: a second source (same tokenizer) exported for the same target into ``out/draft``
@@ -55,6 +56,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
     Targets whose profile says ``recipe: static`` (qnn, openvino, coreml) get a fixed-shape
     prefill/decode pair (exporters/static.py): ``context_length`` is its context C, ``chunk`` its
     prefill chunk S, ``calibration`` the text its int8/int4 (QDQ) graphs are calibrated on.
+    ``ep_context`` (default: the profile's ``export.ep_context``) also compiles them into QNN
+    context binaries (EPContext graphs) that load in milliseconds on the device.
     """
     set_quiet(quiet)
     if not isinstance(source, (str, os.PathLike)) or not str(source):
@@ -72,9 +75,12 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         if draft is not None or draft_vocab:
             raise InvalidArgumentError(f"--draft and --draft-vocab are not available for {profile.name} (static "
                                        "graphs); load a CPU draft at run time instead: load(..., draft=PATH)")
-    elif chunk is not None or calibration is not None:
-        raise InvalidArgumentError(f"--chunk and --calibration apply to static targets (qnn, openvino, coreml), "
-                                   f"not to {profile.name}")
+        ep_context = profile.export.get("ep_context", False) if ep_context is None else ep_context
+        if ep_context:
+            static.check_ep_context(profile)
+    elif chunk is not None or calibration is not None or ep_context:
+        raise InvalidArgumentError(f"--chunk, --calibration and --ep-context apply to static targets (qnn, openvino, "
+                                   f"coreml), not to {profile.name}")
     precision = precision or profile.export["precision"]
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
@@ -101,7 +107,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
             src.manifest(), profile.as_dict(),
             {"precision": precision, "context_length": context_length, "requantize_gguf": requantize_gguf,
              "draft": sources.resolve(draft).manifest() if draft is not None else None,
-             "draft_precision": draft_precision, "draft_vocab": draft_vocab, "chunk": chunk},
+             "draft_precision": draft_precision, "draft_vocab": draft_vocab, "chunk": chunk,
+             **({"ep_context": True} if ep_context else {})},
             {"vocab_texts": list(vocab_texts), "calibration": calibration}, tool_versions())
         hit = export_cache.lookup(cache_key)
         if hit is not None:
@@ -116,12 +123,15 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
     with artifact.staging(out, force=force) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".edgesdk-work-", dir=out.parent))
         try:
-            hf_dir = sources.prepare(src, work)
             ep = profile.export.get("execution_provider", "cpu")
+            streamed = _stream_gguf(src, recipe, precision, requantize_gguf, profile, tmp, work, ep)
+            hf_dir = streamed[0] if streamed else sources.prepare(src, work)
             static_info = None
             if recipe == "static":
                 static_info = static.export(hf_dir, tmp, work, profile, precision, asked_context, chunk, calibration)
-            else:
+                if ep_context:
+                    static_info["ep_context"] = static.compile_ep_context(tmp, static_info, profile)
+            elif not streamed:
                 builder.build(hf_dir, tmp, work / "cache", precision, ep,
                               builder.builder_options(precision, profile.export))
             quant = dict(profile.export.get(precision) or {}) if precision in ("int4", "int8") else None
@@ -129,7 +139,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
                 quant = static_info.pop("quantization", None)
             if quant is not None and quant.pop("gguf_blocks", False):
                 if src.kind == "gguf" and precision == "int4" and not requantize_gguf:
-                    quant["gguf_blocks"] = _carry_gguf_blocks(src, hf_dir, tmp)
+                    quant["gguf_blocks"] = streamed[1] if streamed else _carry_gguf_blocks(src, hf_dir, tmp)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         restricted = None
@@ -140,6 +150,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
                 dv.restrict(tmp, dv.rank(tmp, draft_vocab, vocab_texts))
             restricted = {"file": dv.TOKENS_FILE, "count": int(draft_vocab),
                           "ranked_by": [Path(t).name for t in vocab_texts] or "token id"}
+        # prefill/verify compute only the logits they read (a num_logits_to_keep input); the graph is final here
+        keep_logits = {} if recipe == "static" else logits.add_keep_input(tmp)
         if draft is not None:
             draft_entry = _bundle_draft(draft, profile.name, tmp, draft_precision or precision, context_length, quiet,
                                         requantize_gguf, draft_vocab, vocab_texts)
@@ -169,6 +181,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
                     "outputs": outputs,
                     "op_types": ops,
                     **({"lm_head_tokens": restricted} if restricted else {}),
+                    **keep_logits,
                     **({"recipe": "static", "static": static_info} if static_info else {}),
                 },
                 "runtime": {"providers": profile.providers, "kv_cache": profile.runtime.get("kv_cache", "shared-buffer"),
@@ -195,6 +208,26 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         export_cache.store(cache_key, out)
     say(f"==> Wrote {out}")
     return out
+
+
+def _stream_gguf(src: sources.Source, recipe: str, precision: str, requantize_gguf: bool, profile, folder: Path,
+                 work: Path, ep: str) -> tuple[Path, dict[str, Any]] | None:
+    """INT4 from a GGUF on a gguf_blocks profile: written tensor by tensor from the GGUF
+    (exporters/gguf_stream.py), with no float copy of the model. None where that does not apply
+    or cannot be done (said in one line): the caller dequantizes through transformers."""
+    if not (src.kind == "gguf" and recipe == "builder" and precision == "int4" and not requantize_gguf
+            and (profile.export.get("int4") or {}).get("gguf_blocks")):
+        return None
+    from . import gguf_stream
+
+    try:
+        return gguf_stream.export(src, folder, work, ep, builder.builder_options(precision, profile.export))
+    except gguf_stream.Unsupported as e:
+        say(f"    cannot stream {src.path.name} ({e}); dequantizing it through transformers instead")
+        for f in folder.iterdir():  # what the attempt wrote; the builder writes it all again
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        shutil.rmtree(work / "hf", ignore_errors=True)
+        return None
 
 
 def _carry_gguf_blocks(src: sources.Source, hf_dir: Path, folder: Path) -> dict[str, Any]:

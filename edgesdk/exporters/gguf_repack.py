@@ -122,24 +122,42 @@ class _Packed:
     k_extra: int  # residual rows appended after the original K (0: none)
 
 
-def _to_matmulnbits(src: Blocks, bits: int) -> tuple[_Packed, np.ndarray]:
-    """MatMulNBits weights for ``src`` and the exact residual [N, K // block] they carry in
-    their extra rows (zeros when the offsets are whole zero points)."""
+def integer_part(src: Blocks, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``src`` as ``scale * (q - zp) + residual``: codes q [N, K // block, block], scale and
+    integer zero point zp [N, K // block], and the float residual [N, K // block] that an integer
+    zero point cannot say (zero for Q4_0, Q5_0, Q6_K, Q8_0; the float offsets of Q4_1, Q4_K)."""
     n, k = src.shape
-    block, nb = src.block, k // src.block
-    top = (1 << bits) - 1
+    nb = k // src.block
+    top, half = (1 << bits) - 1, 1 << (bits - 1)
     scale = src.scale.copy()
     zero = scale == 0
     safe = np.where(zero, 1, scale)
     zp = np.clip(np.rint(-src.offset / safe), 0, top)
-    zp[zero] = 0
-    residual = src.offset + scale * zp  # what the integer zero point cannot say
-    q = src.q.reshape(n, nb, block).copy()
-    q[zero] = 0
-    half = 1 << (bits - 1)  # MatMulNBits' default zero point
+    zp[zero] = half  # an all-zero block: code == zero point
+    residual = np.where(zero, src.offset, src.offset + scale * zp).astype(np.float32)
+    q = src.q.reshape(n, nb, src.block).copy()
+    q[zero] = half
+    return q, scale, zp, residual
+
+
+def _to_matmulnbits(src: Blocks, bits: int, *, residual_rows: bool | None = None,
+                    zero_points: bool | None = None) -> tuple[_Packed, np.ndarray]:
+    """MatMulNBits weights for ``src`` and the exact residual [N, K // block] they carry in
+    their extra rows (zeros when the offsets are whole zero points).
+
+    ``residual_rows``/``zero_points``: None decides from the data; True/False fixes the layout
+    in advance (a graph written before its weights are computed needs the shapes up front):
+    True always emits them, False raises if the data needs them."""
+    n, k = src.shape
+    block, nb = src.block, k // src.block
+    top, half = (1 << bits) - 1, 1 << (bits - 1)  # half: MatMulNBits' default zero point
+    q, scale, zp, residual = integer_part(src, bits)
     codes, scales, zps = [q], [scale], [zp]
     k_extra = 0
-    if np.any(np.abs(residual) > 1e-7 * np.maximum(np.abs(scale), 1e-30)):
+    needed = bool(np.any(np.abs(residual) > 1e-7 * np.maximum(np.abs(scale), 1e-30)))
+    if needed and residual_rows is False:
+        raise ValueError("these blocks have float offsets, which need residual rows")
+    if residual_rows or (residual_rows is None and needed):
         # residual r[n, b] multiplies the sum of the input over block b: extra input columns
         # (the block sums, zero-padded to whole blocks) times extra weight rows r.
         extra = -(-nb // block)
@@ -155,7 +173,9 @@ def _to_matmulnbits(src: Blocks, bits: int) -> tuple[_Packed, np.ndarray]:
     q = np.concatenate(codes, axis=1).astype(np.uint8)
     scale = np.concatenate(scales, axis=1).astype(np.float32)
     zp = np.concatenate(zps, axis=1).astype(np.uint8)
-    zp_packed = None if np.all(zp == half) else _pack(zp, bits)
+    if zero_points is False and not np.all(zp == half):
+        raise ValueError("these blocks need zero points")
+    zp_packed = _pack(zp, bits) if zero_points or (zero_points is None and not np.all(zp == half)) else None
     return _Packed(_pack(q, bits), scale, zp_packed, block, bits, k_extra), \
         (residual if k_extra else np.zeros_like(residual)).astype(np.float32)
 

@@ -6,6 +6,7 @@ import io
 import os
 import re
 import sys
+import threading
 import time
 
 _quiet = False
@@ -72,3 +73,57 @@ def library_output(layers: int = 0, label: str = ""):
     else:
         with contextlib.redirect_stdout(sys.stderr):
             yield
+
+
+class Bar:
+    """A progress bar redrawn in place on a terminal; nothing when stderr is piped or quiet (the
+    stage's own lines say what is happening there)."""
+
+    def __init__(self, total: int, unit: str):
+        self.total, self.unit = total, unit
+        self.live = not _quiet and sys.stderr.isatty()
+        self.last, self.drawn = 0.0, False
+
+    def update(self, done: int) -> None:
+        if not self.live:
+            return
+        now = time.monotonic()
+        if done < self.total and now - self.last < 0.1:
+            return
+        self.last = now
+        bar = "#" * (24 * done // max(self.total, 1))
+        sys.stderr.write(f"\r    [{bar:<24}] {done}/{self.total} {self.unit}")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.drawn = False
+
+
+@contextlib.contextmanager
+def ticking(label: str):
+    """On a terminal, ``label`` and the seconds elapsed, redrawn each second, for work that has
+    no count to show; nothing when stderr is piped or quiet."""
+    err = sys.stderr  # the terminal itself, even if the work redirects sys.stderr
+    if _quiet or not err.isatty():
+        yield
+        return
+    stop, t0 = threading.Event(), time.monotonic()
+
+    def run() -> None:
+        while not stop.wait(1.0):
+            err.write(f"\r    {label} ... {time.monotonic() - t0:.0f}s")
+            err.flush()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if time.monotonic() - t0 >= 1.0:
+            err.write("\r\033[K")
+            err.flush()

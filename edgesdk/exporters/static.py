@@ -598,17 +598,31 @@ def quantize_graph(src: Path, dst: Path, cfg, cache: Path) -> None:
     _quantize_static(src, dst, cfg, cfg.extra_options, None, cache)
 
 
+def _no_preprocess_hint(record) -> bool:
+    """onnxruntime.quantization's advice to run its image-model pre-processing (shape inference
+    and optimisation) does not apply to these graphs, which are already shaped and fused."""
+    return "pre-processing before quantization" not in record.getMessage()
+
+
 def _quantize_static(src: Path, dst: Path, cfg, extra: dict, reader, cache: Path) -> None:
+    import logging
+
     from onnxruntime.quantization import quantize_static
 
-    with progress.library_output():
-        quantize_static(str(src), str(dst), reader, calibrate_method=cfg.calibrate_method, quant_format=cfg.quant_format,
-                        activation_type=cfg.activation_type, weight_type=cfg.weight_type,
-                        op_types_to_quantize=cfg.op_types_to_quantize, nodes_to_quantize=cfg.nodes_to_quantize,
-                        nodes_to_exclude=cfg.nodes_to_exclude, per_channel=cfg.per_channel,
-                        reduce_range=cfg.reduce_range, use_external_data_format=True,
-                        calibration_providers=cfg.calibration_providers, extra_options=extra,
-                        calibration_cache_path=str(cache))
+    root = logging.getLogger()
+    root.addFilter(_no_preprocess_hint)
+    try:
+        with progress.library_output():
+            quantize_static(str(src), str(dst), reader, calibrate_method=cfg.calibrate_method,
+                            quant_format=cfg.quant_format,
+                            activation_type=cfg.activation_type, weight_type=cfg.weight_type,
+                            op_types_to_quantize=cfg.op_types_to_quantize, nodes_to_quantize=cfg.nodes_to_quantize,
+                            nodes_to_exclude=cfg.nodes_to_exclude, per_channel=cfg.per_channel,
+                            reduce_range=cfg.reduce_range, use_external_data_format=True,
+                            calibration_providers=cfg.calibration_providers, extra_options=extra,
+                            calibration_cache_path=str(cache))
+    finally:
+        root.removeFilter(_no_preprocess_hint)
 
 
 def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, context: int | None,
@@ -691,3 +705,45 @@ def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, cont
     genai["search"]["max_length"] = context
     (folder / "genai_config.json").write_text(json.dumps(genai, indent=4))
     return info
+
+
+def check_ep_context(profile) -> None:
+    """``--ep-context`` is for the QNN target, with onnxruntime-qnn installed (checked before any work)."""
+    from ..errors import EnvironmentMismatchError, InvalidArgumentError
+    from ..targets import eps
+
+    if profile.export.get("execution_provider") != "qnn":
+        raise InvalidArgumentError(f"--ep-context compiles QNN context binaries; target {profile.name} has none "
+                                   "(use --target qnn)")
+    entry = profile.providers[0]
+    how, why = eps.availability(entry)
+    if how is None:
+        raise EnvironmentMismatchError(f"--ep-context needs {entry['name']} here to compile: {why}")
+
+
+def compile_ep_context(folder: Path, info: dict[str, Any], profile) -> dict[str, Any]:
+    """Compile each static graph into a QNN context binary (onnxruntime's EPContext model:
+    ``ep.context_enable``), one per graph (a weight-shared prefill+decode binary is built on
+    x86-64 but the simulator cannot load it back), with CPU fallback disabled so every node is
+    in the binary. Returns the manifest's ``ep_context`` record; the runtime loads these graphs
+    when it runs on that provider, the portable ones otherwise."""
+    from ..provenance import package_versions
+    from ..runtime.session import create_session
+    from .progress import stage
+
+    entry = profile.providers[0]
+    graphs, binaries = {}, []
+    for g, name in info["graphs"].items():
+        ctx = folder / f"{Path(name).stem}_ctx.onnx"
+        with stage(f"Compiling the {g} graph into a {entry['name'].removesuffix('ExecutionProvider')} "
+                   "context binary (EPContext)"):
+            create_session(folder / name, [(entry["name"], dict(entry.get("options") or {}))],
+                           extra={"session.disable_cpu_ep_fallback": "1", "ep.context_enable": "1",
+                                  "ep.context_file_path": str(ctx), "ep.context_embed_mode": "0"})
+        if not ctx.is_file():
+            raise RuntimeError(f"{entry['name']} wrote no context model for {name}")
+        graphs[g] = ctx.name
+        binaries += sorted(p.name for p in folder.glob(f"{ctx.stem}*.bin"))
+    return {"provider": entry["name"], "options": dict(entry.get("options") or {}), "graphs": graphs,
+            "binaries": binaries, "embed_mode": 0,
+            "tools": package_versions(["onnxruntime", "onnxruntime-qnn"])}

@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from . import sampling
 from .decoder import Decoder
+from .decoder import forward as run_decoder
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 TokenSource = Iterator[tuple[list[int], bool]]
@@ -44,21 +45,13 @@ class GenerationConfig:
             raise InvalidArgumentError(
                 f"num_draft_tokens={k!r} is invalid: use None (adaptive), 0 (no drafting) or a positive integer")
 
-    def sampler(self) -> Callable[[np.ndarray, Sequence[int]], int]:
-        """(logits, context) -> token, with the repetition penalty applied first."""
-        pick = sampling.sampler(self.temperature, self.top_k, self.top_p, np.random.default_rng(self.seed))
-        steps = [*self.logits_processors]
-        penalize = sampling.repetition_penalty(self.repetition_penalty)
-        if penalize is not None:
-            steps.append(penalize)
-        if not steps:
-            return lambda logits, context: pick(logits)
-
-        def process_and_pick(logits, context):
-            for step in steps:
-                logits = step(logits, context)
-            return pick(logits)
-        return process_and_pick
+    def sampler(self, rng: np.random.Generator | None = None) -> sampling.TokenSampler:
+        """(logits, context) -> token: the logits processors, the repetition penalty, then greedy
+        or a draw; ``.distribution(logits, context)`` is the distribution a draw uses (shared by
+        plain and speculative decoding). ``rng`` defaults to one seeded with ``seed``."""
+        return sampling.TokenSampler(self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                                     self.logits_processors,
+                                     rng if rng is not None else np.random.default_rng(self.seed))
 
 
 @dataclass
@@ -91,12 +84,12 @@ def plain_tokens(decoder: Decoder, prompt_ids: Sequence[int], pending: Sequence[
                  pick: Callable[[np.ndarray, Sequence[int]], int]) -> TokenSource:
     """One target forward per token. ``pending`` are the prompt tokens not yet in the cache."""
     context = list(prompt_ids)
-    logits = decoder.forward(pending)[-1]
+    logits = run_decoder(decoder, pending, keep=1)[-1]  # a prefill computes only the last row
     while True:
         tok = pick(logits, context)
         context.append(tok)
         yield [tok], False
-        logits = decoder.forward([tok])[-1]
+        logits = run_decoder(decoder, [tok], keep=1)[-1]
 
 
 class Driver:

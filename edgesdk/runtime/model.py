@@ -21,7 +21,8 @@ log = logging.getLogger("edgesdk")
 class Model:
     def __init__(self, art: _artifact.Artifact, providers: list[tuple[str, dict[str, Any]]],
                  notes: list[str] | None = None, max_length: int | None = None,
-                 threads: int | None = None, spinning: bool = True, draft: "Model | str | None" = None):
+                 threads: int | None = None, spinning: bool = True, draft: "Model | str | None" = None,
+                 strict: bool = False):
         t0 = time.perf_counter()
         self.artifact = art
         self.manifest = art.manifest
@@ -34,18 +35,32 @@ class Model:
         window = (genai["model"]["decoder"].get("sliding_window") or {}).get("window_size") or 0
         self.max_length = min(max(max_length or context, window), context)
         self.provider_notes = list(notes or [])  # create_session adds the providers it had to skip
-        self.session = create_session(art.model_path, providers, threads, spinning, notes=self.provider_notes)
+        static = self.manifest["model"].get("static")
+        # strict on a static (NPU) artifact: every node on the accelerator, or a one-line error naming
+        # the first one it refuses (its graphs are made to place wholly)
+        extra = ({"session.disable_cpu_ep_fallback": "1"}
+                 if strict and static and providers[0][0] != "CPUExecutionProvider" else None)
+        compiled = None
+        if static and static.get("ep_context"):  # QNN context binaries, when running on QNN
+            from .static_decoder import open_compiled
+
+            compiled = open_compiled(art.path, static, providers, threads, spinning, self.max_length, extra,
+                                     self.provider_notes)
+        self.session = compiled.graphs["decode"].session if compiled else create_session(
+            art.model_path, providers, threads, spinning, extra=extra, notes=self.provider_notes)
         self.providers = self.session.get_providers()
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._device = device
-        static = self.manifest["model"].get("static")
-        if static:  # an NPU/CoreML artifact: model_path is its decode graph; the prefill graph joins it
+        if compiled:
+            self.decoder = compiled
+        elif static:  # an NPU/CoreML artifact: model_path is its decode graph; the prefill graph joins it
             from .static_decoder import open_static
 
             self.decoder = open_static(art.path, static, self.session, providers, threads, spinning,
-                                       self.max_length)
+                                       self.max_length, extra=extra)
         else:
-            self.decoder = Decoder(self.session, genai, self.max_length, device=device)
+            self.decoder = Decoder(self.session, genai, self.max_length, device=device,
+                                   logits_to_keep=self.manifest["model"].get("logits_to_keep_input"))
         self.tokenizer = Tokenizer(art.path)
         gen = self.manifest.get("generation", {})
         self.eos_token_ids = set(gen.get("eos_token_ids") or [])
@@ -244,7 +259,7 @@ class Model:
                                        "builder artifacts only; run one conversation at a time (serve --parallel 1)")
         twin = copy.copy(self)
         twin.decoder = Decoder(self.session, self.artifact.genai_config, self.max_length,
-                               device=self._device)
+                               device=self._device, logits_to_keep=self.decoder.keep_name)
         twin._cached, twin._active = [], None
         if isinstance(self.draft, Model):
             twin.draft = self.draft.fork()
@@ -376,7 +391,7 @@ def load(path: str | os.PathLike, target: str = "auto", *, max_length: int | Non
     two_sessions = draft is not None and str(draft) != "prompt-lookup"
     # Two sessions taking turns must not spin their worker threads (they would fight for cores).
     model = Model(art, providers, notes, max_length=max_length, threads=threads,
-                  spinning=_spinning and not two_sessions)
+                  spinning=_spinning and not two_sessions, strict=strict)
     report(log, art.path, model.providers, model.provider_notes)
     if isinstance(draft, (str, os.PathLike)) and str(draft) != "prompt-lookup":
         draft = load(draft, draft_target, max_length=model.max_length, threads=threads, verify=verify,

@@ -78,6 +78,8 @@ def create_session(model_path: Path, providers: list[tuple[str, dict[str, Any]]]
                 sess = _open(model_path, remaining, how, threads, spinning, extra)
             except Exception as e:  # onnxruntime raises its own exception types
                 msg = eps.first_line(e)
+                if name != eps.CPU and _FALLBACK_DISABLED in msg:
+                    msg = refused_nodes(model_path, remaining, how, threads, extra) or msg
                 if name == eps.CPU or last:
                     if name != eps.CPU:
                         raise TargetError(f"{name} cannot run {model_path.name} here: {msg}") from None
@@ -91,6 +93,32 @@ def create_session(model_path: Path, providers: list[tuple[str, dict[str, Any]]]
             raise TargetError(f"{name} cannot run here: {why}")
         notes.append(f"skipped {name}: {why}")
         remaining = remaining[1:]
+
+
+_FALLBACK_DISABLED = "fallback to CPU EP has been explicitly disabled"
+
+
+def refused_nodes(model_path: Path, providers: list[tuple[str, dict[str, Any]]], how: str | None,
+                  threads: int | None, extra: dict[str, str] | None) -> str | None:
+    """Which nodes ``providers[0]`` leaves to the CPU EP, named with their operators, from
+    onnxruntime's record of its graph assignment (a second session with CPU fallback allowed).
+    None when that cannot be found out."""
+    name = providers[0][0]
+    allowed = {k: v for k, v in (extra or {}).items() if k != "session.disable_cpu_ep_fallback"}
+    allowed["session.record_ep_graph_assignment_info"] = "1"
+    try:
+        sess = _open(model_path, providers[:1], how, threads, False, allowed)
+        on_cpu = [(n.name, n.op_type) for sg in sess.get_provider_graph_assignment_info()
+                  if sg.ep_name != name for n in sg.get_nodes()]
+    except Exception:  # the diagnosis is a courtesy: keep onnxruntime's own message
+        return None
+    if not on_cpu:
+        return None
+    first = f"node {on_cpu[0][0] or '(unnamed)'} ({on_cpu[0][1]})"
+    ops = sorted({op for _, op in on_cpu[1:]})
+    more = f" and {len(on_cpu) - 1} more ({', '.join(ops)})" if len(on_cpu) > 1 else ""
+    return (f"it does not support {first}{more}, and CPU fallback is disabled; re-export the artifact for "
+            f"this target with this edgesdk, or allow CPU fallback")
 
 
 def _open(model_path: Path, providers: list[tuple[str, dict[str, Any]]], how: str | None,

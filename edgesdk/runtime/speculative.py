@@ -28,6 +28,7 @@ import numpy as np
 
 from . import sampling
 from .decoder import Decoder
+from .decoder import forward as run_decoder
 
 log = logging.getLogger("edgesdk")
 TokenSource = Any  # Iterator[tuple[list[int], bool]]; see generate.py
@@ -167,7 +168,7 @@ class DraftModel:
             return
         pending = prompt_ids[self.dec.length:]
         if pending:
-            self.dec.forward(pending)
+            run_decoder(self.dec, pending, keep=1)
 
     def room(self, context_len: int) -> int:
         # proposing k tokens leaves context + k - 1 positions in the draft cache
@@ -183,7 +184,7 @@ class DraftModel:
         self.step_s: list[float] = []
         for _ in range(k):
             t = time.perf_counter()
-            logits = self.dec.forward(feed)[-1]
+            logits = run_decoder(self.dec, feed, keep=1)[-1]
             if self._full is not None:
                 self._full[self.tokens] = logits
                 logits = self._full
@@ -266,14 +267,11 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
     """
     greedy = config.temperature == 0
     rng = np.random.default_rng(config.seed)
-    steps = [*config.logits_processors, sampling.repetition_penalty(config.repetition_penalty)]
-    steps = [f for f in steps if f is not None]  # processors (constraint masks) see every draft and verify step
-
-    def penalize(logits: np.ndarray, context: Sequence[int]) -> np.ndarray:
-        for step in steps:
-            logits = step(logits, context)
-        return logits
-    probs = None if greedy else sampling.distribution(config.temperature, config.top_k, config.top_p)
+    # one sampler for the draft's and the target's steps: the same processors (constraint masks
+    # see every draft and verify step), penalty and distribution; its context counts follow the
+    # rollbacks, since every call passes its whole context
+    picker: sampling.TokenSampler = config.sampler(rng)
+    steps = picker.uses_context
     # k_max 8 covers what pays on CPU; prompt lookup copies long runs for free, so allow more
     # Priors: a same-family draft usually agrees on 3 tokens in 4 or more; a prompt-lookup match is
     # a weaker guess, but free to propose, and copies long runs when it holds.
@@ -281,20 +279,17 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
         else AdaptiveK(k_max=12, prior=0.6, draft_cost=None, weight=0.35)
 
     def target_pick(logits: np.ndarray, context: Sequence[int]) -> int:
-        if greedy:
-            return int(np.argmax(penalize(logits, context)))
-        p = probs(penalize(logits, context))
-        return int(rng.choice(p.shape[-1], p=p))
+        return picker(logits, context)
 
     def draft_choose(logits: np.ndarray, context: list[int], drafted: list[int]):
         ctx = context + drafted if steps else context
         if greedy:
-            return int(np.argmax(penalize(logits, ctx))), None
-        q = probs(penalize(logits, ctx))
-        return int(rng.choice(q.shape[-1], p=q)), q
+            return picker(logits, ctx), None
+        q = picker.distribution(logits, ctx)
+        return q.sample(rng), q
 
     context = list(prompt_ids)
-    logits = target.forward(pending)[-1]
+    logits = run_decoder(target, pending, keep=1)[-1]
     proposer.prefill(context)
     tok = target_pick(logits, context)
     context.append(tok)
@@ -316,7 +311,7 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
             policy.draft_call(seconds)
 
         t0 = time.perf_counter()
-        logits = target.forward([context[-1]] + drafts)
+        logits = run_decoder(target, [context[-1]] + drafts, keep=len(drafts) + 1)  # k + 1 rows
         policy.target_call(len(drafts) + 1, time.perf_counter() - t0)
 
         n = 0
@@ -334,7 +329,7 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
                     break
                 n += 1
         else:
-            n, extra = accept_sampled(drafts, lambda i: probs(penalize(logits[i], context + drafts[:i])), qs, rng)
+            n, extra = accept_sampled(drafts, lambda i: picker.distribution(logits[i], context + drafts[:i]), qs, rng)
         if extra is None:  # all k accepted (or k = 0): the target's token after them
             extra = target_pick(logits[len(drafts)], context + drafts)
 
@@ -356,7 +351,7 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
         yield [extra], False
 
 
-def accept_sampled(drafts: Sequence[int], p_at: Callable[[int], np.ndarray], qs: list[np.ndarray] | None,
+def accept_sampled(drafts: Sequence[int], p_at: Callable[[int], Any], qs: list | None,
                    rng: np.random.Generator) -> tuple[int, int | None]:
     """Speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023).
 
@@ -364,33 +359,23 @@ def accept_sampled(drafts: Sequence[int], p_at: Callable[[int], np.ndarray], qs:
     first rejection the target's token is drawn from the residual max(0, p_i - q_i), normalised,
     which makes every emitted token distributed exactly as p. ``qs`` None means point-mass
     proposals (prompt lookup): keep with probability p_i(d), else draw from p_i without d.
-    Returns (accepted count, the residual token or None when all were kept).
+    p and q are ``sampling.Distribution``s (what the plain sampler draws from) or probability
+    vectors. Returns (accepted count, the residual token or None when all were kept).
     """
     for i, d in enumerate(drafts):
-        p = p_at(i)
-        q = None if qs is None else _fit(qs[i], p.shape[-1])
-        ratio = p[d] if q is None else (p[d] / q[d] if q[d] > 0 else 1.0)
+        p = _dist(p_at(i))
+        q = None if qs is None else _dist(qs[i])
+        pd = p.prob(d)
+        qd = None if q is None else (q.prob(d) if d < q.size else 0.0)
+        ratio = pd if q is None else (pd / qd if qd > 0 else 1.0)
         if rng.random() < ratio:
             continue
-        if q is None:
-            residual = p.copy()
-            residual[d] = 0.0
-        else:
-            residual = np.maximum(p - q, 0.0)
-        total = residual.sum()
-        residual = residual / total if total > 0 else p
-        return i, int(rng.choice(residual.shape[-1], p=residual))
+        return i, p.residual(q, d).sample(rng)
     return len(drafts), None
 
 
-def _fit(q: np.ndarray, size: int) -> np.ndarray:
-    """The draft distribution over the target's vocabulary width (graphs may pad differently)."""
-    if q.shape[-1] == size:
-        return q
-    if q.shape[-1] > size:
-        q = q[:size]
-        return q / q.sum() if q.sum() > 0 else q
-    return np.concatenate([q, np.zeros(size - q.shape[-1], dtype=q.dtype)])
+def _dist(x) -> "sampling.Distribution":
+    return x if isinstance(x, sampling.Distribution) else sampling.Distribution.from_probs(x)
 
 
 # -- tokenizer identity ---------------------------------------------------------------------------

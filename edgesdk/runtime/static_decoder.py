@@ -81,6 +81,7 @@ class StaticDecoder:
         self.spec = spec
         self.chunk, self.context = spec["chunk"], spec["context"]
         self.max_length = min(max_length or self.context, self.context)
+        self.compiled = False  # True over QNN context binaries (open_compiled)
         self.vocab_size = spec["vocab_size"]
         self.mask_value = float(spec.get("mask_value", -1e4))
         self.group = spec["num_heads"] // spec["num_kv_heads"]
@@ -165,3 +166,29 @@ def open_static(folder: Path, spec: dict[str, Any], decode: ort.InferenceSession
     rest = providers[names.index(chosen):] if chosen in names else providers
     prefill = create_session(folder / spec["graphs"]["prefill"], rest, threads, spinning, extra=extra)
     return StaticDecoder(folder, spec, prefill, decode, max_length)
+
+
+def open_compiled(folder: Path, spec: dict[str, Any], providers: list[tuple[str, dict[str, Any]]],
+                  threads: int | None, spinning: bool, max_length: int | None, extra: dict[str, str] | None,
+                  notes: list[str]) -> StaticDecoder | None:
+    """The decoder over the artifact's compiled context binaries (``spec["ep_context"]``, from
+    ``export --ep-context``) when the first provider is the one they were compiled for; None
+    otherwise, or (with a note) when that provider cannot load them here: the caller then opens
+    the portable graphs."""
+    from ..errors import EdgeSDKError
+    from .session import create_session
+
+    ctx = spec["ep_context"]
+    if not providers or providers[0][0] != ctx["provider"]:
+        return None
+    first = providers[:1]  # a context binary runs on its provider only
+    try:
+        sessions = {g: create_session(folder / name, first, threads, spinning, extra=extra)
+                    for g, name in ctx["graphs"].items()}
+    except EdgeSDKError as e:
+        notes.append(f"could not load the compiled {ctx['provider']} context binaries ({e}); "
+                     "using the portable graphs")
+        return None
+    decoder = StaticDecoder(folder, spec, sessions["prefill"], sessions["decode"], max_length)
+    decoder.compiled = True
+    return decoder

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..runtime.decoder import forward
 from ..runtime.tokenizer import IncrementalDecoder
 
 log = logging.getLogger("edgesdk.serve")
@@ -206,7 +207,7 @@ class Worker:
             return True
         m.decoder.rewind(done)
         end = done + PREFILL_CHUNK
-        m.decoder.forward(ids[done:end])
+        forward(m.decoder, ids[done:end], keep=1)  # only the cache is wanted: one row of logits
         m._cached = list(ids[:end])
         return False
 

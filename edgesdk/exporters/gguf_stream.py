@@ -1,0 +1,705 @@
+"""INT4 straight from a GGUF, one tensor at a time (no float copy of the model anywhere).
+
+onnxruntime-genai's model builder makes the graph from a transformers model on the meta device
+(shapes only) whose small float tensors (norm weights, q/k/v biases) are read from the GGUF; its
+float graph is taken before it would quantize anything. Every MatMul with a constant weight then
+becomes a MatMulNBits, and the embedding a GatherBlockQuantized, whose initializers are lazy:
+``onnx_ir.save`` computes each one from its GGUF tensor(s), writes it and drops it before the next.
+
+Each GGUF tensor keeps its own precision. 4-bit blocks (Q4_0, Q4_1, Q4_K) stay 4-bit, 5-8-bit
+blocks (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) become exact 8-bit; the float offsets of Q4_1/Q4_K/Q5_1/Q5_K
+become residual rows over block sums (gguf_repack's correction). Tensors of types gguf_blocks
+cannot decode (F16, BF16, F32, Q2_K, Q3_K, IQ*...) are quantized with onnxruntime's MLAS quantizer
+(4-bit; 8-bit for undecoded 5-8-bit types). Anything this module cannot map raises ``Unsupported``: the caller then takes the
+dequantizing path.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .gguf_blocks import DECODERS, Blocks, decode_raw, read_raw
+from .gguf_repack import _hf_modules, _pack, _stack, _to_matmulnbits, integer_part
+from .progress import Bar, stage, ticking
+
+# GGUF general.architecture values whose weights map onto the builder's graph one to one
+STREAMING = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K"}
+_AFFINE = {"Q4_1", "Q4_K", "Q5_1", "Q5_K"}  # float offsets: residual rows
+_CENTERED = {"Q4_0", "Q8_0"}  # offset == MatMulNBits' default zero point
+_WIDE = ("Q5", "Q6", "Q8")  # undecoded types that get 8 bits
+_MLAS_ROWS = 16384  # output rows quantized by MLAS at a time
+_CHUNK_ROWS = 16384  # rows of a big tensor decoded and packed at a time
+_SMALL_E = 1 << 20  # bytes: block sums by a MatMul with a 0/1 matrix up to this size, else ReduceSum
+
+
+class Unsupported(Exception):
+    """This GGUF cannot be streamed (the message says why, in one line)."""
+
+
+@dataclass
+class Report:
+    carried: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensors kept exactly
+    requantized: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensors quantized by MLAS
+    corrected: int = 0  # MatMulNBits with residual rows
+    representations: dict[str, dict[str, int]] = field(default_factory=dict)
+    tensors: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, kind: str, how: str, exact: bool) -> None:
+        self.tensors[name] = f"{kind} -> {how}"
+        book = self.carried if exact else self.requantized
+        book[kind] = book.get(kind, 0) + 1
+        per = self.representations.setdefault(kind, {})
+        per[how] = per.get(how, 0) + 1
+
+    def manifest(self) -> dict:
+        d = {"carried": dict(sorted(self.carried.items())), "requantized": dict(sorted(self.requantized.items())),
+             "offset_corrections": self.corrected, "streamed": True,
+             "representations": {k: dict(sorted(v.items())) for k, v in sorted(self.representations.items())}}
+        if len(self.tensors) <= 64:
+            d["tensors"] = dict(sorted(self.tensors.items()))
+        return d
+
+
+@dataclass
+class _TensorInfo:
+    """What gguf-py's ReaderTensor says about a tensor, without the data view."""
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple  # GGUF order: [K, N] for a matrix
+    data_offset: int  # absolute, in the file
+    n_bytes: int
+
+
+def _tensor_table(path: Path) -> dict[str, _TensorInfo]:
+    """The GGUF's tensor table. gguf.GGUFReader parses every metadata value into numpy views
+    (seconds for a 150k-token vocabulary); this skips them."""
+    import mmap
+    import struct
+
+    import gguf
+
+    fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise Unsupported(f"{path} is not a GGUF file")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version < 2:
+            raise Unsupported(f"GGUF version {version} is too old")
+        pos = 24
+
+        def u32():
+            nonlocal pos
+            pos += 4
+            return struct.unpack_from("<I", m, pos - 4)[0]
+
+        def u64():
+            nonlocal pos
+            pos += 8
+            return struct.unpack_from("<Q", m, pos - 8)[0]
+
+        def string() -> bytes:
+            nonlocal pos
+            n = u64()
+            pos += n
+            return m[pos - n: pos]
+
+        def skip(kind: int) -> None:
+            nonlocal pos
+            if kind in fixed:
+                pos += fixed[kind]
+            elif kind == 8:
+                n = u64()
+                pos += n
+            elif kind == 9:
+                inner, count = u32(), u64()
+                if inner in fixed:
+                    pos = pos + fixed[inner] * count
+                else:
+                    for _ in range(count):
+                        skip(inner)
+            else:
+                raise Unsupported(f"unknown GGUF metadata type {kind}")
+
+        alignment = 32
+        for _ in range(n_kv):
+            key = string()
+            kind = u32()
+            if key == b"general.alignment" and kind == 4:
+                alignment = struct.unpack_from("<I", m, pos)[0]
+            skip(kind)
+        infos = []
+        for _ in range(n_tensors):
+            name = string().decode()
+            dims = [u64() for _ in range(u32())]
+            kind, offset = u32(), u64()
+            infos.append((name, dims, kind, offset))
+        start = -(-pos // alignment) * alignment
+    table = {}
+    for name, dims, kind, offset in infos:
+        qtype = gguf.GGMLQuantizationType(kind)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        table[name] = _TensorInfo(name, qtype, tuple(dims), start + offset, int(np.prod(dims)) // block * size)
+    return table
+
+
+class _Gguf:
+    """GGUF tensors by HF parameter name (transformers' own name map and row permutation)."""
+
+    def __init__(self, path: Path, arch_name: str, config: dict, meta_model):
+        import gguf
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self.path = path
+        self.tensors = _tensor_table(path)
+        self.processor = TENSOR_PROCESSORS.get(arch_name, TensorProcessor)(config=config)
+        # transformers' get_gguf_hf_weights_map, for the top-level model only (it rebuilds
+        # gguf-py's name map once per submodule: seconds)
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+        names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+        self.gguf_name = {}
+        for hf_name in meta_model.state_dict():
+            hf_name = self.processor.preprocess_name(hf_name)
+            base, dot, suffix = hf_name.rpartition(".")
+            if suffix in ("weight", "bias") and (g := names.get_name(base)) is not None:
+                self.gguf_name[hf_name] = f"{g}.{suffix}"
+
+    def tensor(self, hf_param: str):
+        name = self.gguf_name.get(hf_param)
+        if name not in self.tensors and hf_param == "lm_head.weight":  # tied: the embedding
+            name = self.gguf_name.get("model.embed_tokens.weight")
+        if name not in self.tensors:
+            raise Unsupported(f"no GGUF tensor holds {hf_param}")
+        return self.tensors[name]
+
+    def _permute(self, t, a: np.ndarray) -> np.ndarray:
+        n = a.shape[0]
+        perm = np.asarray(self.processor.process(np.arange(n, dtype=np.int64).reshape(n, 1), t.name).weights)
+        perm = perm.reshape(n)
+        return a if np.array_equal(perm, np.arange(n)) else a[perm]
+
+    def floats(self, t) -> np.ndarray:
+        """Dequantized float32, shaped as transformers has it ([N, K] or [N])."""
+        from gguf.quants import dequantize
+
+        shape = tuple(int(s) for s in reversed(t.shape))
+        a = dequantize(read_raw(self.path, t), t.tensor_type).reshape(shape).astype(np.float32)
+        return self._permute(t, a) if a.ndim == 2 else np.asarray(self.processor.process(a, t.name).weights)
+
+    def blocks(self, t, rows: slice | None = None) -> Blocks:
+        """The tensor's blocks, or those of ``rows`` only (rows of a tensor whose rows are not
+        permuted: see ``permuted``)."""
+        k, n = (int(s) for s in t.shape)
+        if rows is not None:
+            if self.permuted(t):
+                raise ValueError(f"{t.name}: row slices of a permuted tensor")
+            per_row = int(t.n_bytes) // n
+            part = _TensorInfo(t.name, t.tensor_type, (k, rows.stop - rows.start),
+                               int(t.data_offset) + rows.start * per_row, (rows.stop - rows.start) * per_row)
+            return decode_raw(t.tensor_type.name, rows.stop - rows.start, k, read_raw(self.path, part), t.name,
+                              check_rows=16)
+        b = decode_raw(t.tensor_type.name, n, k, read_raw(self.path, t), t.name, check_rows=64)
+        perm = self._permute(t, np.arange(n))
+        return b if np.array_equal(perm, np.arange(n)) else b.rows(perm)
+
+    def permuted(self, t) -> bool:
+        n = int(t.shape[1]) if len(t.shape) == 2 else int(t.shape[0])
+        return not np.array_equal(self._permute(t, np.arange(n)), np.arange(n))
+
+
+@dataclass
+class _Plan:
+    """One MatMulNBits (or GatherBlockQuantized) over one or more GGUF tensors stacked along N."""
+    parts: list  # GGUF reader tensors
+    kinds: list[str]
+    method: str  # "blocks" (the GGUF's own codes) or "mlas"
+    bits: int
+    block: int
+    k: int
+    n: int
+    residual: bool
+    zero_points: bool
+
+    @property
+    def k_extra(self) -> int:
+        nb = self.k // self.block
+        return -(-nb // self.block) * self.block if self.residual else 0
+
+    @property
+    def blocks_total(self) -> int:
+        return (self.k + self.k_extra) // self.block
+
+    def describe(self, op: str = "MatMulNBits") -> str:
+        extra = ", offset rows" if self.residual else ""
+        src = "" if self.method == "blocks" else f", MLAS from {'/'.join(sorted(set(self.kinds)))}"
+        return f"{op} {self.bits}-bit b{self.block}{extra}{src}"
+
+
+def _plan(parts: list, symmetric: bool, block_size: int) -> list[_Plan]:
+    """One plan per group of parts that can share a MatMulNBits (same method, bits, block)."""
+    plans: list[_Plan] = []
+    for t in parts:
+        kind = t.tensor_type.name
+        if len(t.shape) != 2:
+            raise Unsupported(f"{t.name} is not a matrix")
+        k, n = (int(s) for s in t.shape)
+        if kind in DECODERS:
+            block = 16 if kind == "Q6_K" else 32
+            p = _Plan([t], [kind], "blocks", 4 if kind in _FOUR_BIT else 8, block, k, n, kind in _AFFINE,
+                      kind not in _CENTERED)
+        else:
+            p = _Plan([t], [kind], "mlas", 8 if kind.startswith(_WIDE) else 4, block_size, k, n, False, not symmetric)
+            if k % block_size:
+                raise Unsupported(f"{t.name}: K={k} is not a multiple of the block size {block_size}")
+        last = plans[-1] if plans else None
+        if last and (last.method, last.bits, last.block, last.k) == (p.method, p.bits, p.block, p.k):
+            last.parts.append(t)
+            last.kinds.append(kind)
+            last.n += n
+            last.residual |= p.residual
+            last.zero_points |= p.zero_points
+        else:
+            plans.append(p)
+    return plans
+
+
+class _Weights:
+    """Computes a plan's packed arrays on demand, keeping only the last plan's (its B, scales and
+    zero points are written one after the other)."""
+
+    def __init__(self, gg: _Gguf, symmetric: bool):
+        self.gg, self.symmetric = gg, symmetric
+        self.key: int | None = None
+        self.value: dict[str, np.ndarray] = {}
+
+    def get(self, plan: _Plan, what: str, embedding: bool = False) -> np.ndarray:
+        key = id(plan) * 2 + embedding
+        if self.key != key:
+            self.value = {}
+            self.key = None
+            self.value = self._embedding(plan) if embedding else self._matmul(plan)
+            self.key = key
+        return self.value[what]
+
+    def _floats(self, plan: _Plan) -> np.ndarray:
+        return np.concatenate([self.gg.floats(t) for t in plan.parts]) if len(plan.parts) > 1 else self.gg.floats(plan.parts[0])
+
+    def _mlas(self, plan: _Plan, w: np.ndarray) -> dict[str, np.ndarray]:
+        from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+        n, k = w.shape
+        nb, blob = k // plan.block, plan.block * plan.bits // 8
+        b = np.zeros((n, nb, blob), np.uint8)
+        scales = np.zeros((n, nb), np.float32)
+        zp = np.zeros((n, -(-nb * plan.bits // 8)), np.uint8)
+        fn = quantize_matmul_8bits if plan.bits == 8 else quantize_matmul_4bits
+        for r in range(0, n, _MLAS_ROWS):
+            rows = slice(r, min(n, r + _MLAS_ROWS))
+            m = rows.stop - rows.start
+            pb, ps, pz = np.zeros((m, nb, blob), np.uint8), np.zeros((m, nb), np.float32), np.zeros((m, zp.shape[1]), np.uint8)
+            fn(pb, np.ascontiguousarray(w[rows].T), ps, pz, plan.block, m, k, self.symmetric)
+            b[rows], scales[rows], zp[rows] = pb, ps, pz
+        return {"B": b, "scales": scales, "zp": zp}
+
+    def _chunks(self, plan: _Plan, fn: Callable[[Blocks], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """``fn`` over the plan's stacked blocks; for a big single tensor, over slices of its rows
+        (decoding a whole lm_head at once takes several copies of it)."""
+        t = plan.parts[0]
+        if len(plan.parts) > 1 or plan.n <= _CHUNK_ROWS or self.gg.permuted(t):
+            return fn(_stack([self.gg.blocks(p) for p in plan.parts]))
+        out: dict[str, np.ndarray] = {}
+        for r in range(0, plan.n, _CHUNK_ROWS):
+            rows = slice(r, min(plan.n, r + _CHUNK_ROWS))
+            for key, a in fn(self.gg.blocks(t, rows)).items():
+                if key not in out:
+                    out[key] = np.empty((plan.n,) + a.shape[1:], a.dtype)
+                out[key][rows] = a
+        return out
+
+    def _matmul(self, plan: _Plan) -> dict[str, np.ndarray]:
+        if plan.method == "mlas":
+            return self._mlas(plan, self._floats(plan))
+
+        def pack(blocks: Blocks) -> dict[str, np.ndarray]:
+            packed, _ = _to_matmulnbits(blocks, plan.bits, residual_rows=plan.residual, zero_points=plan.zero_points)
+            out = {"B": packed.b, "scales": packed.scales}
+            if packed.zero_points is not None:
+                out["zp"] = packed.zero_points
+            return out
+        return self._chunks(plan, pack)
+
+    def _embedding(self, plan: _Plan) -> dict[str, np.ndarray]:
+        if plan.method == "mlas":
+            out = self._mlas(plan, self._floats(plan))
+            out["B"] = out["B"].reshape(plan.n, -1)
+            return out
+
+        def pack(b: Blocks) -> dict[str, np.ndarray]:
+            q, scale, zp, residual = integer_part(b, plan.bits)
+            if not plan.residual and np.any(np.abs(residual) > 1e-7 * np.maximum(np.abs(scale), 1e-30)):
+                raise ValueError(f"{plan.parts[0].name}: offsets that are not whole zero points")
+            return {"B": _pack(q.reshape(q.shape[0], plan.k), plan.bits), "scales": scale.astype(np.float32),
+                    "zp": _pack(zp.astype(np.uint8), plan.bits), "residual": residual}
+        return self._chunks(plan, pack)
+
+
+@contextlib.contextmanager
+def _builder_hooks(load_weights: Callable, save_model: Callable):
+    """Point the model builder's weight loading and saving at ours, and restore them after."""
+    import onnxruntime_genai.models.builder  # noqa: F401  (imports every builder)
+
+    classes = {id(m.Model): m.Model for k, m in list(sys.modules.items())
+               if k.endswith("builders.base") and hasattr(m, "Model")}
+    if not classes:
+        raise Unsupported("onnxruntime-genai's builder has no builders.base.Model to hook")
+    saved = [(c, c.__dict__["load_weights"], c.__dict__["save_model"]) for c in classes.values()]
+    try:
+        for c in classes.values():
+            c.load_weights, c.save_model = load_weights, save_model
+        yield
+    finally:
+        for c, lw, sm in saved:
+            c.load_weights, c.save_model = lw, sm
+
+
+@contextlib.contextmanager
+def _hushed():
+    """Library chatter (the builder's per-layer lines, transformers' warnings) kept off the
+    terminal; returned for error messages."""
+    from transformers.utils import logging as hf_logging
+
+    buf = io.StringIO()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield buf
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _hf_folder(src, out: Path):
+    """config.json, tokenizer and generation config from the GGUF's metadata (no weights)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from ..errors import SourceError
+
+    folder, name = str(src.path.parent), src.path.name
+    try:
+        with _hushed():
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:
+        raise SourceError(f"transformers cannot read {src.path}: {str(e).splitlines()[0][:200]}") from None
+    config.architectures = [src.architecture]
+    with _hushed():
+        config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        gen = GenerationConfig.from_model_config(config)
+        if tokenizer.eos_token_id is not None:
+            gen.eos_token_id = tokenizer.eos_token_id
+        gen.save_pretrained(out)
+    return config
+
+
+def export(src, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str]) -> tuple[Path, dict]:
+    """Write ``out_dir``'s model.onnx(.data), genai_config.json and tokenizer files from the GGUF
+    ``src``. Returns the temporary HF folder (config, tokenizer) and the quantization report."""
+    if src.model_type not in STREAMING:
+        raise Unsupported(f"streaming covers {', '.join(STREAMING)} GGUFs, not {src.model_type}")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = work / "hf"
+    with stage(f"Reading {src.path.name}'s configuration and tokenizer"), ticking("converting the tokenizer"):
+        config = _hf_folder(src, hf_dir)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gg = _Gguf(src.path, src.model_type, config.to_dict(), meta)
+    for name, p in list(meta.named_parameters()):
+        if p.ndim == 1:  # norm weights, biases: real values, so the builder reads them as usual
+            t = gg.tensor(name)
+            module, leaf = meta.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            setattr(module, leaf, torch.nn.Parameter(torch.from_numpy(np.array(gg.floats(t), np.float32)),
+                                                     requires_grad=False))
+    captured: dict[str, Any] = {}
+
+    def load_weights(self, input_path):
+        captured["loaded"] = True
+        return meta
+
+    def save_model(self, out_dir_):
+        if not captured.get("loaded"):
+            raise Unsupported(f"the builder's {type(self).__name__} loads its weights its own way")
+        self.stamp_build_metadata(self.model)
+        captured.update(model=self.model, filename=self.filename, symmetric=bool(self.quant_attrs["is_symmetric"]),
+                        accuracy_level=int(self.quant_attrs["accuracy_level"]),
+                        block_size=int(self.quant_attrs["matmul_block_size"]))
+
+    with stage(f"Building the graph for {execution_provider} with onnxruntime-genai's model builder"), \
+            ticking("building"):
+        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+        kv = [f"{k}={v}" for k, v in options.items()] + ["shared_embeddings=false"]
+        try:
+            with _builder_hooks(load_weights, save_model), _hushed() as chatter:
+                extra = parse_extra_options(None, str(hf_dir), str(out_dir), "int4", execution_provider,
+                                            str(work / "cache"), kv)
+                if "hf_details" in extra:
+                    from .builder import _flatten_rope
+
+                    _flatten_rope(extra["hf_details"]["hf_config"])
+                create_model(None, str(hf_dir), str(out_dir), "int4", execution_provider, str(work / "cache"), **extra)
+        except Unsupported:
+            raise
+        except Exception as e:  # the builder could not make a graph from this model on the meta device
+            raise Unsupported(f"the builder stopped: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}") from None
+        if "model" not in captured:
+            raise Unsupported("the builder wrote no graph" + (f" ({chatter.getvalue().strip().splitlines()[-1][:150]})"
+                                                               if chatter.getvalue().strip() else ""))
+    report = Report()
+    model = captured.pop("model")
+    weights = _rewrite(model, gg, config, captured, report)
+    _save(model, out_dir / captured["filename"])
+    weights.key, weights.value = None, {}  # the last tensor's arrays; the graph's lazy tensors refer to this
+    del model
+    gc.collect()  # the graph's reference cycles, before the caller loads the artifact to check it
+    return hf_dir, report.manifest()
+
+
+def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weights":
+    import onnx_ir as ir
+
+    graph = model.graph
+    weights = _Weights(gg, settings["symmetric"])
+    made: set[str] = set()  # initializers created here
+
+    def const(name: str, data, dtype=None, shape=None):
+        if callable(data):
+            def compute() -> ir.Tensor:
+                a = np.ascontiguousarray(data())
+                if a.shape != tuple(shape) or ir.DataType.from_numpy(a.dtype) != dtype:
+                    raise AssertionError(f"{name}: computed {a.dtype}{list(a.shape)}, the graph says {dtype}{list(shape)}")
+                return ir.Tensor(a, name=name)
+            t = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+        else:
+            t = ir.tensor(np.asarray(data), name=name)
+        v = ir.Value(name=name, shape=t.shape, type=ir.TensorType(t.dtype), const_value=t)
+        graph.register_initializer(v)
+        made.add(name)
+        return v
+
+    def node(op, inputs, name, domain="", **attrs):
+        n = ir.node(op, inputs, attrs, domain=domain, name=name, num_outputs=1)
+        n.outputs[0].name = f"{name}/output_0"
+        return n
+
+    block_sums: dict[tuple, ir.Value] = {}
+
+    def augmented(x, base: str, plan: _Plan, before) -> ir.Value:
+        """[x, block sums of x (zero-padded to whole blocks)]: the input of residual rows. A
+        MatMul with a 0/1 matrix E [K, k_extra] (shared per shape) where E is small: one op, as
+        gguf_repack does; else Reshape + ReduceSum + Pad (E would be read for every token)."""
+        nb, key = plan.k // plan.block, (x.name, plan.block, plan.k_extra)
+        if key not in block_sums:
+            tag = f"{base}.block_sums"
+            if plan.k * plan.k_extra * 4 <= _SMALL_E:
+                e_name = f"block_sums.E.{plan.k}x{plan.k_extra}.block{plan.block}"
+                if e_name not in graph.initializers:
+                    e = np.zeros((plan.k, plan.k_extra), np.float32)
+                    e[np.arange(plan.k), np.arange(plan.k) // plan.block] = 1.0
+                    const(e_name, e)
+                nodes = [node("MatMul", [x, graph.initializers[e_name]], f"{tag}/MatMul")]
+            else:
+                shape = const(f"{tag}.shape", np.array([0, 0, nb, plan.block], np.int64))
+                nodes = [node("Reshape", [x, shape], f"{tag}/Reshape")]
+                nodes.append(node("ReduceSum", [nodes[-1].outputs[0], const(f"{tag}.axes", np.array([-1], np.int64))],
+                                  f"{tag}/ReduceSum", keepdims=0))
+                if plan.k_extra > nb:
+                    pads = const(f"{tag}.pads", np.array([0, 0, 0, 0, 0, plan.k_extra - nb], np.int64))
+                    nodes.append(node("Pad", [nodes[-1].outputs[0], pads], f"{tag}/Pad"))
+            nodes.append(node("Concat", [x, nodes[-1].outputs[0]], f"{tag}/Concat", axis=-1))
+            graph.insert_before(before, nodes)
+            block_sums[key] = nodes[-1].outputs[0]
+        return block_sums[key]
+
+    def matmul_inputs(plan: _Plan, base: str) -> list:
+        nbt = plan.blocks_total
+        blob = plan.block * plan.bits // 8
+        ins = [const(f"{base}.weight_Q{plan.bits}", lambda: weights.get(plan, "B"), ir.DataType.UINT8, (plan.n, nbt, blob)),
+               const(f"{base}.weight_scales", lambda: weights.get(plan, "scales"), ir.DataType.FLOAT, (plan.n, nbt))]
+        if plan.zero_points:
+            ins.append(const(f"{base}.weight_zp", lambda: weights.get(plan, "zp"), ir.DataType.UINT8,
+                             (plan.n, -(-nbt * plan.bits // 8))))
+        return ins
+
+    def to_matmulnbits(n, x, plan: _Plan, base: str) -> None:
+        """Turn node ``n`` (a MatMul, or a fresh node) into the MatMulNBits of ``plan``."""
+        ins = matmul_inputs(plan, base)
+        if plan.residual:
+            x = augmented(x, base, plan, n)
+            report.corrected += 1
+        n.op_type, n.domain = "MatMulNBits", "com.microsoft"
+        n.resize_inputs(len(ins) + 1)
+        n.replace_input_with(0, x)
+        for i, v in enumerate(ins, 1):
+            n.replace_input_with(i, v)
+        n.attributes.clear()
+        for a, val in (("K", plan.k + plan.k_extra), ("N", plan.n), ("bits", plan.bits), ("block_size", plan.block),
+                       ("accuracy_level", settings["accuracy_level"])):
+            n.attributes[a] = ir.AttrInt64(a, val)
+        for t, kind in zip(plan.parts, plan.kinds):
+            report.add(t.name, kind, plan.describe(), plan.method == "blocks")
+
+    lm_plan: _Plan | None = None
+    lm_base = None
+    for n in list(graph):
+        if n.op_type != "MatMul" or n.inputs[1] is None or n.inputs[1].const_value is None:
+            continue
+        wname = n.inputs[1].name
+        if not wname.endswith(".MatMul.weight"):
+            raise Unsupported(f"cannot map the MatMul weight {wname} to GGUF tensors")
+        base = wname[: -len(".weight")]
+        modules = _hf_modules(wname[: -len(".MatMul.weight")])
+        parts = [gg.tensor(f"{m}.weight") for m in modules]
+        k, n_total = (int(d) for d in n.inputs[1].const_value.shape)
+        plans = _plan(parts, settings["symmetric"], settings["block_size"])
+        if any(p.k != k for p in plans) or sum(p.n for p in plans) != n_total:
+            raise Unsupported(f"the GGUF tensors of {wname} do not have its shape [{k}, {n_total}]")
+        old = n.inputs[1]
+        x = n.inputs[0]
+        if len(plans) == 1:
+            to_matmulnbits(n, x, plans[0], base)
+        else:  # mixed precisions in a fused q|k|v: one MatMulNBits each, concatenated
+            outs = []
+            for i, p in enumerate(plans):
+                sub = node("MatMul", [x, old], f"{n.name}_{i}")
+                graph.insert_before(n, [sub])
+                to_matmulnbits(sub, x, p, f"{base}_{i}")
+                outs.append(sub.outputs[0])
+            n.op_type, n.domain = "Concat", ""
+            n.resize_inputs(len(outs))
+            for i, v in enumerate(outs):
+                n.replace_input_with(i, v)
+            n.attributes.clear()
+            n.attributes["axis"] = ir.AttrInt64("axis", -1)
+        graph.initializers.pop(old.name)
+        if wname == "lm_head.MatMul.weight" and len(plans) == 1:
+            lm_plan, lm_base = plans[0], base
+
+    gathers = [n for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
+               and n.inputs[0].name == "model.embed_tokens.weight"]
+    if len(gathers) != 1:
+        raise Unsupported(f"expected one embedding Gather, found {len(gathers)}")
+    _embedding(graph, gathers[0], gg, lm_plan, lm_base, weights, settings, report, const, node)
+
+    for name, v in list(graph.initializers.items()):  # everything left must be a real tensor
+        if name in made:
+            continue
+        t = v.const_value
+        if isinstance(t, ir.LazyTensor):
+            if int(np.prod(t.shape.numpy())) > (1 << 22):
+                raise Unsupported(f"cannot map the initializer {name} to a GGUF tensor")
+            try:
+                t.numpy()
+            except NotImplementedError:  # a meta tensor: no data
+                raise Unsupported(f"cannot map the initializer {name} to a GGUF tensor") from None
+        elif getattr(getattr(t, "raw", None), "is_meta", False):
+            raise Unsupported(f"cannot map the initializer {name} to a GGUF tensor")
+    return weights
+
+
+def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, settings, report: Report,
+               const, node) -> None:
+    """The embedding Gather -> GatherBlockQuantized over the GGUF's own blocks (sharing lm_head's
+    bytes when lm_head is the same GGUF tensor without residual rows)."""
+    import onnx_ir as ir
+
+    t = gg.tensor("model.embed_tokens.weight")
+    (plan,) = _plan([t], settings["symmetric"], settings["block_size"])
+    ids = gather.inputs[1]
+    nb = plan.k // plan.block
+    if lm_plan is not None and lm_plan.parts == [t] and not lm_plan.residual:
+        base = lm_base
+        flat = const(f"{base}.weight_Q{lm_plan.bits}.shape", np.array([plan.n, nb * plan.block * plan.bits // 8], np.int64))
+        reshape = node("Reshape", [graph.initializers[f"{base}.weight_Q{lm_plan.bits}"], flat], "/model/embed_tokens/Reshape")
+        ins = [reshape.outputs[0], ids, graph.initializers[f"{base}.weight_scales"]]
+        if lm_plan.zero_points:
+            ins.append(graph.initializers[f"{base}.weight_zp"])
+        graph.insert_before(gather, [reshape])
+        how = plan.describe("GatherBlockQuantized") + ", shared with lm_head"
+    else:
+        base = "model.embed_tokens"
+        ins = [const(f"{base}.weight_Q{plan.bits}", lambda: weights.get(plan, "B", True), ir.DataType.UINT8,
+                     (plan.n, plan.k * plan.bits // 8)),
+               ids,
+               const(f"{base}.weight_scales", lambda: weights.get(plan, "scales", True), ir.DataType.FLOAT, (plan.n, nb))]
+        if plan.zero_points:
+            ins.append(const(f"{base}.weight_zp", lambda: weights.get(plan, "zp", True), ir.DataType.UINT8,
+                             (plan.n, -(-nb * plan.bits // 8))))
+        how = plan.describe("GatherBlockQuantized")
+    attrs = {"bits": plan.bits, "block_size": plan.block, "gather_axis": 0, "quantize_axis": 1}
+    old = gather.inputs[0]
+    if plan.residual:  # gathered per-block float offsets added to the gathered codes
+        gbq = node("GatherBlockQuantized", ins, "/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft", **attrs)
+        table = const("model.embed_tokens.residual", lambda: weights.get(plan, "residual", True), ir.DataType.FLOAT,
+                      (plan.n, nb))
+        r = node("Gather", [table, ids], "/model/embed_tokens/residual/Gather")
+        blocks = const("/model/embed_tokens/blocks_shape", np.array([0, 0, nb, plan.block], np.int64))
+        one = const("/model/embed_tokens/residual_shape", np.array([0, 0, nb, 1], np.int64))
+        y = node("Reshape", [gbq.outputs[0], blocks], "/model/embed_tokens/Reshape")
+        rr = node("Reshape", [r.outputs[0], one], "/model/embed_tokens/residual/Reshape")
+        add = node("Add", [y.outputs[0], rr.outputs[0]], "/model/embed_tokens/residual/Add")
+        graph.insert_before(gather, [gbq, r, y, rr, add])
+        gather.op_type = "Reshape"
+        gather.resize_inputs(2)
+        gather.replace_input_with(0, add.outputs[0])
+        gather.replace_input_with(1, const("/model/embed_tokens/hidden_shape", np.array([0, 0, plan.k], np.int64)))
+        gather.name = "/model/embed_tokens/residual/Reshape_out"
+        how += ", float offsets gathered"
+    else:
+        gather.op_type, gather.domain = "GatherBlockQuantized", "com.microsoft"
+        gather.resize_inputs(len(ins))
+        for i, v in enumerate(ins):
+            gather.replace_input_with(i, v)
+        for a, val in attrs.items():
+            gather.attributes[a] = ir.AttrInt64(a, val)
+        gather.name = "/model/embed_tokens/GatherBlockQuantized"
+    graph.initializers.pop(old.name)
+    shared = "shared with lm_head" in how
+    if shared:  # the tensor was counted with lm_head; record what it also is
+        report.tensors[t.name] += f"; {how}"
+        per = report.representations[plan.kinds[0]]
+        per[how] = per.get(how, 0) + 1
+    else:
+        report.add(t.name + " (embedding)" if lm_plan is not None and lm_plan.parts == [t] else t.name,
+                   plan.kinds[0], how, plan.method == "blocks")
+
+
+def _save(model, path: Path) -> None:
+    import onnx_ir as ir
+
+    model.graph.sort()
+    data = path.with_name(path.name + ".data")
+    for p in (path, data):
+        if p.exists():
+            p.unlink()
+    total = sum(1 for v in model.graph.initializers.values() if v.const_value is not None)
+    with stage(f"Writing the tensors from the GGUF into {data.name}"):
+        bar = Bar(total, "tensors")
+
+        def callback(tensor, info) -> None:
+            bar.total = info.total
+            bar.update(info.index + 1)
+        # small constants (shapes, axes) stay in the graph, where shape inference reads them
+        ir.save(model, str(path), external_data=data.name, size_threshold_bytes=1024, callback=callback)
+        bar.close()
+    data.chmod(0o644)
+    path.chmod(0o644)
