@@ -92,8 +92,11 @@ def test_output_exists_refused_then_forced(tiny, tmp_path):
 @pytest.mark.slow
 def test_interrupted_export_leaves_nothing(tmp_path):
     out = tmp_path / "smol"
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &` in a
+    # script) ignores SIGINT, and Python then never installs its KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "edgesdk", "export", str(smollm2_gguf()), "-o", str(out)],
-                            stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **NO_EXPORT_CACHE})
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **NO_EXPORT_CACHE},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # interrupt once the export is writing: its work folder beside the output holds files
     deadline = time.monotonic() + 300
     while not any(f.is_file() for d in tmp_path.glob(".edgesdk-work-*") for f in d.rglob("*")):
