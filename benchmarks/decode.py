@@ -197,15 +197,13 @@ def main() -> int:
             lines.append(f"edgesdk vs {name}: decode {q['decode']:.2f}x, TTFT {q['ttft']:.2f}x"
                          + (f", decode@~1500 {q['decode_at_long']:.2f}x" if "decode_at_long" in q else ""))
     print("\n".join(lines))
+    from edgesdk.bench import cpu_model
+
     summary = {
         "artifact": a.artifact, "threads": a.threads, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-        "runs": a.runs, "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "runs": a.runs, "cpu": cpu_model(), "python": platform.python_version(),
         "results": results, "ratios_edgesdk_over": ratios,
     }
-    try:
-        summary["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     print(json.dumps(summary))
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2))

@@ -347,10 +347,9 @@ def main() -> int:
                if alt else {},
                "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                "load_average_at_end": os.getloadavg()}
-    try:
-        summary["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        summary["cpu"] = platform.machine()
+    from edgesdk.bench import cpu_model
+
+    summary["cpu"] = cpu_model()
     print(json.dumps(summary))
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2))

@@ -160,12 +160,3 @@ class Decoder:
             if rows <= MAX_KEPT_ROWS or rows == _KEEP_ALL:
                 self._keep[rows] = value
         return value
-
-
-def forward(decoder, ids: Sequence[int], keep: int | None = None) -> np.ndarray:
-    """``decoder.forward(ids, keep)`` for a Decoder; other decoders (static graphs) compute every
-    position and are cut to the last ``keep`` rows."""
-    if isinstance(decoder, Decoder):
-        return decoder.forward(ids, keep=keep)
-    out = decoder.forward(ids)
-    return out if keep is None else out[-keep:]

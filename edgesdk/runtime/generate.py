@@ -13,7 +13,6 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from . import sampling
 from .decoder import Decoder
-from .decoder import forward as run_decoder
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 TokenSource = Iterator[tuple[list[int], bool]]
@@ -84,12 +83,12 @@ def plain_tokens(decoder: Decoder, prompt_ids: Sequence[int], pending: Sequence[
                  pick: Callable[[np.ndarray, Sequence[int]], int]) -> TokenSource:
     """One target forward per token. ``pending`` are the prompt tokens not yet in the cache."""
     context = list(prompt_ids)
-    logits = run_decoder(decoder, pending, keep=1)[-1]  # a prefill computes only the last row
+    logits = decoder.forward(pending, keep=1)[-1]  # a prefill computes only the last row
     while True:
         tok = pick(logits, context)
         context.append(tok)
         yield [tok], False
-        logits = run_decoder(decoder, [tok], keep=1)[-1]
+        logits = decoder.forward([tok], keep=1)[-1]
 
 
 class Driver:

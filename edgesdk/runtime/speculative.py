@@ -28,7 +28,6 @@ import numpy as np
 
 from . import sampling
 from .decoder import Decoder
-from .decoder import forward as run_decoder
 
 log = logging.getLogger("edgesdk")
 TokenSource = Any  # Iterator[tuple[list[int], bool]]; see generate.py
@@ -168,7 +167,7 @@ class DraftModel:
             return
         pending = prompt_ids[self.dec.length:]
         if pending:
-            run_decoder(self.dec, pending, keep=1)
+            self.dec.forward(pending, keep=1)
 
     def room(self, context_len: int) -> int:
         # proposing k tokens leaves context + k - 1 positions in the draft cache
@@ -184,7 +183,7 @@ class DraftModel:
         self.step_s: list[float] = []
         for _ in range(k):
             t = time.perf_counter()
-            logits = run_decoder(self.dec, feed, keep=1)[-1]
+            logits = self.dec.forward(feed, keep=1)[-1]
             if self._full is not None:
                 self._full[self.tokens] = logits
                 logits = self._full
@@ -289,7 +288,7 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
         return q.sample(rng), q
 
     context = list(prompt_ids)
-    logits = run_decoder(target, pending, keep=1)[-1]
+    logits = target.forward(pending, keep=1)[-1]
     proposer.prefill(context)
     tok = target_pick(logits, context)
     context.append(tok)
@@ -311,7 +310,7 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
             policy.draft_call(seconds)
 
         t0 = time.perf_counter()
-        logits = run_decoder(target, [context[-1]] + drafts, keep=len(drafts) + 1)  # k + 1 rows
+        logits = target.forward([context[-1]] + drafts, keep=len(drafts) + 1)  # k + 1 rows
         policy.target_call(len(drafts) + 1, time.perf_counter() - t0)
 
         n = 0

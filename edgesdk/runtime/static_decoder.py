@@ -71,7 +71,8 @@ class _Graph:
 
 
 class StaticDecoder:
-    """forward(ids) -> logits [len(ids), vocab] (float32), rewind(n), length, max_length, vocab_size."""
+    """forward(ids, keep=None) -> logits [len(ids) or keep, vocab] (float32), rewind(n), length,
+    max_length, vocab_size: the same contract as decoder.Decoder."""
 
     def __init__(self, folder: Path, spec: dict[str, Any], prefill: ort.InferenceSession,
                  decode: ort.InferenceSession, max_length: int | None = None,
@@ -109,18 +110,25 @@ class StaticDecoder:
             v[:, :, length:self._length] = 0
         self._length = length
 
-    def forward(self, ids: Sequence[int]) -> np.ndarray:
-        """Run ``ids`` after the cached positions; return their logits, shape [len(ids), vocab], float32."""
+    def forward(self, ids: Sequence[int], keep: int | None = None) -> np.ndarray:
+        """Run ``ids`` after the cached positions; return the logits of the last ``keep`` of them
+        (None: all), shape [min(keep, len(ids)), vocab], float32. The fixed-shape graphs compute
+        every position; the chunks whose rows are not kept are dropped as the prompt runs."""
         n = len(ids)
         start = self._length
         check_room(start, n, self.max_length, "export with a larger --context")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep={keep} is invalid: keep at least one position's logits")
         out = []
         pos = 0
         while pos < n:
             take = list(ids[pos: pos + self.chunk])
             out.append(self._step("decode" if len(take) == 1 else "prefill", take))
             pos += len(take)
-        return out[0] if len(out) == 1 else np.concatenate(out)
+            while keep is not None and len(out) > 1 and sum(len(o) for o in out[1:]) >= keep:
+                out.pop(0)
+        logits = out[0] if len(out) == 1 else np.concatenate(out)
+        return logits if keep is None else logits[-keep:]
 
     def _step(self, which: str, ids: list[int]) -> np.ndarray:
         g = self.graphs[which]

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..runtime.decoder import forward
 from ..runtime.tokenizer import IncrementalDecoder
 
 log = logging.getLogger("edgesdk.serve")
@@ -207,7 +206,7 @@ class Worker:
             return True
         m.decoder.rewind(done)
         end = done + PREFILL_CHUNK
-        forward(m.decoder, ids[done:end], keep=1)  # only the cache is wanted: one row of logits
+        m.decoder.forward(ids[done:end], keep=1)  # only the cache is wanted: one row of logits
         m._cached = list(ids[:end])
         return False
 
