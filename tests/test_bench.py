@@ -15,11 +15,11 @@ def report(tiny, tmp_path_factory):
     p = run_cli("bench", str(art), "--prompt-tokens", "8,200", "--new-tokens", "5", "--runs", "2", "--warmup", "1",
                 "--threads", "1", "--json", str(out))
     assert p.returncode == 0, p.stderr
-    return p.stdout, json.loads(out.read_text())
+    return p.stdout, json.loads(out.read_text()), p.stderr
 
 
 def test_bench_table_and_json(report):
-    table, r = report
+    table, r, _ = report
     assert r["precision"] == "int4" and r["execution_provider"] == "CPUExecutionProvider"
     assert r["threads"] == 1 and r["runs"] == 2 and r["warmup"] == 1 and r["new_tokens"] == 5
     assert r["max_length"] == 256  # the tiny model's context
@@ -50,6 +50,16 @@ def test_bench_table_and_json(report):
         assert head in table
     rows = [line.split() for line in table.splitlines() if line.strip().split(" ")[0] in ("8", "200")]
     assert [row[:2] for row in rows] == [["8", "5"], ["200", "5"]]
+
+
+def test_bench_says_which_measurement_it_is_on_when_piped(report):
+    """Piped (not a terminal), each measurement still gets a staged line on stderr, in order."""
+    *_, err = report
+    lines = [line for line in err.splitlines() if line.startswith("==> ")]
+    assert lines == ["==> load 1/3 (warm-up)", "==> load 2/3", "==> load 3/3",
+                     "==> prompt 8 tokens: 1 warm-up + 2 runs of 5 new tokens",
+                     "==> prompt 200 tokens: 1 warm-up + 2 runs of 5 new tokens"], err
+    assert "\r" not in err
 
 
 def test_bench_json_to_stdout(tiny):

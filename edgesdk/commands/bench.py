@@ -38,7 +38,8 @@ def run(a: argparse.Namespace) -> int:
     from ..bench import bench, format_table
 
     check_json_file(a.json_file)
-    progress = (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    # one staged line per measurement, on a terminal or piped (each can take a minute)
+    progress = lambda msg: print(f"==> {msg}", file=sys.stderr, flush=True)  # noqa: E731
     report = bench(a.artifact, target=a.target, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
                    runs=a.runs, warmup=a.warmup, draft=a.draft, threads=a.threads, max_length=a.max_length,
                    progress=progress)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from .. import artifact, targets
 from ..provenance import package_versions
-from ..errors import InvalidArgumentError
+from ..errors import ArtifactError, InvalidArgumentError
 from . import builder, export_cache, logits, sources
 from .progress import say, set_quiet, stage
 
@@ -125,13 +125,14 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         try:
             ep = profile.export.get("execution_provider", "cpu")
             streamed = _stream_gguf(src, recipe, precision, requantize_gguf, profile, tmp, work, ep)
+            hf_streamed = None if streamed else _stream_hf(src, recipe, precision, profile, tmp, work, ep)
             hf_dir = streamed[0] if streamed else sources.prepare(src, work)
             static_info = None
             if recipe == "static":
                 static_info = static.export(hf_dir, tmp, work, profile, precision, asked_context, chunk, calibration)
                 if ep_context:
                     static_info["ep_context"] = static.compile_ep_context(tmp, static_info, profile)
-            elif not streamed:
+            elif not streamed and not hf_streamed:
                 builder.build(hf_dir, tmp, work / "cache", precision, ep,
                               builder.builder_options(precision, profile.export))
             quant = dict(profile.export.get(precision) or {}) if precision in ("int4", "int8") else None
@@ -140,6 +141,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
             if quant is not None and quant.pop("gguf_blocks", False):
                 if src.kind == "gguf" and precision == "int4" and not requantize_gguf:
                     quant["gguf_blocks"] = streamed[1] if streamed else _carry_gguf_blocks(src, hf_dir, tmp)
+            if quant is not None and hf_streamed:
+                quant["streamed"] = hf_streamed
         finally:
             shutil.rmtree(work, ignore_errors=True)
         restricted = None
@@ -230,6 +233,26 @@ def _stream_gguf(src: sources.Source, recipe: str, precision: str, requantize_gg
         return None
 
 
+def _stream_hf(src: sources.Source, recipe: str, precision: str, profile, folder: Path, work: Path,
+               ep: str) -> dict[str, Any] | None:
+    """INT4 from an HF folder's safetensors: written weight by weight (exporters/hf_stream.py)
+    instead of through a float32 copy of the whole model. The report, or None where that does not
+    apply or cannot be done (said in one line): the caller runs the builder on the folder."""
+    if not (src.kind in ("hf-folder", "hub") and recipe == "builder" and precision == "int4"
+            and profile.export.get("io_dtype", "float32") == "float32"):  # fp16 graphs: the builder's own pass
+        return None
+    from . import hf_stream
+
+    try:
+        return hf_stream.export(src, folder, work, ep, builder.builder_options(precision, profile.export))[1]
+    except hf_stream.Unsupported as e:
+        say(f"    cannot stream {src.path.name} ({e}); loading it through transformers instead")
+        for f in folder.iterdir():  # what the attempt wrote; the builder writes it all again
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        return None
+
+
 def _carry_gguf_blocks(src: sources.Source, hf_dir: Path, folder: Path) -> dict[str, Any]:
     from . import gguf_repack
 
@@ -253,9 +276,29 @@ def _bundle_draft(draft, target: str, folder: Path, precision: str, context_leng
     return {"path": "draft", "source": made["source"], "precision": precision}
 
 
-def _smoke_test(folder: Path) -> None:
-    from ..runtime.model import Model
-
+_SMOKE = """
+import sys
+from pathlib import Path
+try:
+    from edgesdk import artifact
+    from edgesdk.runtime.model import Model
     # every file was hashed a moment ago by write_manifest: check only that they are all there
-    model = Model(artifact.read(folder, verify=False), [("CPUExecutionProvider", {})], max_length=8)
+    model = Model(artifact.read(Path(sys.argv[1]), verify=False), [("CPUExecutionProvider", {})], max_length=8)
     model.decoder.forward([model.manifest["generation"].get("bos_token_id") or 0])
+except Exception as e:
+    print((str(e).strip() or type(e).__name__).splitlines()[0], file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def _smoke_test(folder: Path) -> None:
+    """Load the artifact and run one token on the CPU, in a child process: onnxruntime holds the
+    weights and their prepacked copy (about twice the artifact), and the export's own peak
+    memory then does not carry that on top of what exporting took."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _SMOKE, str(folder)], capture_output=True, text=True)
+    if p.returncode != 0:
+        why = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+        raise ArtifactError(f"the exported artifact does not load and run on the CPU: {why}")
