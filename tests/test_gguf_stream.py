@@ -62,22 +62,31 @@ def _k_blocks(kind, n_blocks: int, rng) -> np.ndarray:
 
 def write_tiny_gguf(path, tied: bool = False, seed: int = 0, arch: str = "llama", types: dict | None = None) -> None:
     """A 2-layer model of GGUF architecture ``arch`` (llama; qwen2: q/k/v biases; qwen3: q/k
-    norms, head size 128 as transformers assumes) with tensors of ``types`` (default TYPES)."""
+    norms, head size 128 as transformers assumes; gemma2: post-attention and post-FFN norms,
+    stored as llama.cpp does (1 + w); gemma3: those and q/k norms; phi3: fused ``attn_qkv``
+    (q|k|v rows) and ``ffn_up`` (gate|up rows)) with tensors of ``types`` (default TYPES; phi3's
+    fused tensors take the type of their attn_q / ffn_up entries)."""
     types = types or TYPES
     rng = np.random.default_rng(seed)
     tokens = _byte_tokens() + ["ĠĠ", "<|endoftext|>"]
     heads, kv_heads = (2, 1) if arch == "qwen3" else (HEADS, KV_HEADS)
+    head_dim = HIDDEN // heads
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_name("tiny")
-    w.add_context_length(256)
+    # phi3: Phi3Config's original_max_position_embeddings, else the builder takes it for LongRoPE
+    w.add_context_length(4096 if arch == "phi3" else 256)
     w.add_embedding_length(HIDDEN)
     w.add_block_count(LAYERS)
     w.add_feed_forward_length(FFN)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(HIDDEN // heads)
+    w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
+    if arch in ("gemma2", "gemma3"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(128)  # within the context (GroupQueryAttention's KV cache must hold the window)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
@@ -85,31 +94,41 @@ def write_tiny_gguf(path, tied: bool = False, seed: int = 0, arch: str = "llama"
     w.add_token_merges(["Ġ Ġ"])
     w.add_bos_token_id(len(tokens) - 1)
     w.add_eos_token_id(len(tokens) - 1)
+    if arch == "phi3":  # else Phi3Config's default pad id 32000, outside this vocabulary
+        w.add_pad_token_id(len(tokens) - 1)
     shapes = {"token_embd": (len(tokens), HIDDEN), "output": (len(tokens), HIDDEN)}
     for i in range(LAYERS):
         shapes.update({f"blk.{i}.attn_q": (HIDDEN, HIDDEN), f"blk.{i}.attn_k": (HIDDEN // 2, HIDDEN),
                        f"blk.{i}.attn_v": (HIDDEN // 2, HIDDEN), f"blk.{i}.attn_output": (HIDDEN, HIDDEN),
                        f"blk.{i}.ffn_gate": (FFN, HIDDEN), f"blk.{i}.ffn_up": (FFN, HIDDEN),
                        f"blk.{i}.ffn_down": (HIDDEN, FFN)})
+        if arch == "phi3":  # llama.cpp's phi3 tensors: q|k|v and gate|up stacked along N
+            shapes[f"blk.{i}.attn_qkv"] = (HIDDEN + 2 * (HIDDEN // 2), HIDDEN)
+            shapes[f"blk.{i}.ffn_up"] = (2 * FFN, HIDDEN)
+            for name in ("attn_q", "attn_k", "attn_v", "ffn_gate"):
+                del shapes[f"blk.{i}.{name}"]
     for name, (n, k) in shapes.items():
         if tied and name == "output":
             continue
-        kind = types[name]
+        kind = types[name.replace("attn_qkv", "attn_q")]
         if kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
             raw = _k_blocks(kind, n * k // 256, rng).reshape(n, -1)
         else:
             x = (rng.standard_normal((n, k)) * 0.08 + rng.uniform(-0.03, 0.03, (n, 1))).astype(np.float32)
             raw = x.astype(np.float16) if kind == Q.F16 else x if kind == Q.F32 else gguf.quants.quantize(x, kind)
         w.add_tensor(f"{name}.weight", raw, raw_dtype=kind)
+    norms = ["attn_norm", "ffn_norm"]
+    if arch in ("gemma2", "gemma3"):
+        norms += ["post_attention_norm", "post_ffw_norm"]
     for i in range(LAYERS):
-        for norm in ("attn_norm", "ffn_norm"):
+        for norm in norms:
             w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
         if arch == "qwen2":
             for proj, n in (("attn_q", HIDDEN), ("attn_k", HIDDEN // 2), ("attn_v", HIDDEN // 2)):
                 w.add_tensor(f"blk.{i}.{proj}.bias", (0.1 * rng.standard_normal(n)).astype(np.float32))
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             for norm in ("attn_q_norm", "attn_k_norm"):
-                w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN // heads)).astype(np.float32))
+                w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(head_dim)).astype(np.float32))
     w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -161,13 +180,13 @@ def test_mixed_types_stream_exactly(tiny_gguf, exact_profile, tmp_path, monkeypa
     assert got["blk.0.attn_output.weight"] == "Q4_K -> MatMulNBits 4-bit b32, offset rows"
     assert got["blk.0.ffn_gate.weight"] == "Q5_0 -> MatMulNBits 8-bit b32"
     assert got["blk.0.ffn_up.weight"] == "F16 -> MatMulNBits 4-bit b32, MLAS from F16"
-    assert got["blk.0.ffn_down.weight"] == "Q6_K -> MatMulNBits 8-bit b16"
+    assert got["blk.0.ffn_down.weight"] == "Q6_K -> MatMulNBits 8-bit b32, re-rounded from Q6_K"
     assert got["blk.1.attn_output.weight"] == "F32 -> MatMulNBits 4-bit b32, MLAS from F32"
     assert got["blk.1.ffn_up.weight"] == "Q5_K -> MatMulNBits 8-bit b32, offset rows"
     assert got["output.weight"] == "Q5_1 -> MatMulNBits 8-bit b32, offset rows"
     assert got["token_embd.weight"] == "Q4_1 -> GatherBlockQuantized 4-bit b32, offset rows, float offsets gathered"
-    assert blocks["carried"] == {"Q4_0": 2, "Q4_1": 5, "Q4_K": 2, "Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q6_K": 1,
-                                 "Q8_0": 1}
+    assert blocks["carried"] == {"Q4_0": 2, "Q4_1": 5, "Q4_K": 2, "Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q8_0": 1}
+    assert blocks["rerounded_to_8bit"] == {"Q6_K": 1}
     assert blocks["requantized"] == {"F16": 1, "F32": 1}
     ops = model.manifest["model"]["op_types"]
     assert ops["GatherBlockQuantized"] == 1
@@ -193,32 +212,45 @@ def test_mixed_types_stream_exactly(tiny_gguf, exact_profile, tmp_path, monkeypa
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.8  # measured 0.88
 
 
-def test_affine_offsets_within_their_residual_rounding(tmp_path, exact_profile, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_affine_offsets_within_their_residual_rounding(arch, tmp_path, exact_profile, monkeypatch):
     """The mix without float matrices: only the residual rows of Q4_1/Q4_K/Q5_1/Q5_K (4-bit or
-    8-bit like their tensor) differ from the GGUF's own values."""
-    for k, v in NO_EXPORT_CACHE.items():
-        monkeypatch.setenv(k, v)
-    path = tmp_path / "affine.gguf"
-    write_tiny_gguf(path, types={k: (Q.Q8_0 if v in (Q.F16, Q.F32) else v) for k, v in TYPES.items()})
-    model = edgesdk.load(edgesdk.export(path, str(exact_profile), tmp_path / "art", quiet=True))
-    assert model.manifest["quantization"]["gguf_blocks"]["requantized"] == {}
-    ids = model.tokenizer.encode("Hello, tiny world! 123 abc")
-    ref = _reference_logits(path, ids)
-    err = np.abs(model.decoder.forward(ids) - ref).max() / np.abs(ref).max()
-    assert err < 0.06, err  # measured 3.5%; with the residual rows dropped: 196%
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_exact_when_every_tensor_is_carried(arch, tmp_path, exact_profile, monkeypatch):
-    """Every matrix of a decodable type, none affine: the graph computes the GGUF's weights
-    exactly, so its logits equal the FP32 reference to float rounding (qwen2: with its q/k/v
-    biases, qwen3: with its q/k norms)."""
+    8-bit like their tensor) differ from the GGUF's own values (phi3: residual rows of row
+    slices of its fused ffn_up, in row chunks)."""
     from edgesdk.exporters import gguf_stream
 
     for k, v in NO_EXPORT_CACHE.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(gguf_stream, "_CHUNK_ROWS", 100)
-    symmetric = {k: (Q.Q8_0 if v in (Q.F16, Q.F32, Q.Q8_0, Q.Q4_1, Q.Q4_K, Q.Q5_1, Q.Q5_K) else v)
+    path = tmp_path / "affine.gguf"
+    types = {k: (Q.Q8_0 if v in (Q.F16, Q.F32) else v) for k, v in TYPES.items()}
+    if arch == "gemma2":  # tied, as Gemma 2 always is (gguf-py's gemma2 has no output tensor): the
+        types["token_embd"] = types["output"]  # embedding takes the lm_head's Q5_1 (8-bit residual rows)
+    write_tiny_gguf(path, tied=arch == "gemma2", arch=arch, types=types)
+    model = edgesdk.load(edgesdk.export(path, str(exact_profile), tmp_path / "art", quiet=True))
+    blocks = model.manifest["quantization"]["gguf_blocks"]
+    assert blocks["streamed"] and blocks["requantized"] == {}
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 257, 26)]
+    ref = _reference_logits(path, ids)
+    err = np.abs(model.decoder.forward(ids) - ref).max() / np.abs(ref).max()
+    # measured 3.8% (llama), 1.3% (gemma2), 1.1% (phi3); llama with the residual rows dropped: 196%
+    assert err < 0.06, err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_exact_when_every_tensor_is_carried(arch, tmp_path, exact_profile, monkeypatch):
+    """Every matrix of a type carried exactly, none affine: the graph computes the GGUF's weights
+    exactly, so its logits equal the FP32 reference to float rounding (qwen2: with its q/k/v
+    biases, qwen3: with its q/k norms; gemma2/gemma3: with their (1 + w) norms, post norms and
+    soft-capping; phi3: with its fused attn_qkv (packed again whole by the builder) and ffn_up
+    (split into its gate and up rows))."""
+    from edgesdk.exporters import gguf_stream
+
+    for k, v in NO_EXPORT_CACHE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(gguf_stream, "_CHUNK_ROWS", 100)
+    # (Q6_K is re-rounded to 8 bits, not carried: test_q6_k_rerounded_within_half_an_8bit_step)
+    symmetric = {k: (Q.Q8_0 if v in (Q.F16, Q.F32, Q.Q8_0, Q.Q4_1, Q.Q4_K, Q.Q5_1, Q.Q5_K, Q.Q6_K) else v)
                  for k, v in TYPES.items()}
     path = tmp_path / "sym.gguf"
     write_tiny_gguf(path, tied=True, seed=1, arch=arch, types=symmetric)
@@ -227,7 +259,15 @@ def test_exact_when_every_tensor_is_carried(arch, tmp_path, exact_profile, monke
     blocks = model.manifest["quantization"]["gguf_blocks"]
     assert blocks["streamed"] and blocks["requantized"] == {} and blocks["offset_corrections"] == 0
     assert "shared with lm_head" in blocks["tensors"]["token_embd.weight"]  # tied Q8_0: one table
-    ids = model.tokenizer.encode("Exactly the same, token by token.")
+    if arch == "phi3":  # q|k|v rows as one MatMulNBits, gate and up rows as one each
+        assert blocks["tensors"]["blk.0.attn_qkv.weight"] == "Q4_0 -> MatMulNBits 4-bit b32"
+        assert blocks["tensors"]["blk.0.ffn_up.weight[0:512]"] == "Q8_0 -> MatMulNBits 8-bit b32"
+        assert blocks["tensors"]["blk.0.ffn_up.weight[512:1024]"] == "Q8_0 -> MatMulNBits 8-bit b32"
+    else:
+        assert blocks["tensors"]["blk.0.attn_q.weight"] == "Q4_0 -> MatMulNBits 4-bit b32"
+    # token ids rather than text: the byte-level vocabulary of these tiny GGUFs makes no
+    # tokenizer under Gemma's tokenizer class (it needs an unknown token)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 257, 33)]
     ref = _reference_logits(path, ids)
     ours = model.decoder.forward(ids)
     assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
@@ -314,3 +354,37 @@ def test_smollm2_stream_matches_fp32(smollm2_streamed, real):
     print(r.summary())
     # measured +0.20% over 2,047 tokens (the dequantize-and-requantize INT4: +39%)
     assert abs(r.baseline["relative_increase"]) < 0.01, r.summary()
+
+
+def test_q6_k_rerounded_within_half_an_8bit_step():
+    """Q6_K (a scale per 16 values) goes onto symmetric 8-bit blocks of 32: every value within
+    half an 8-bit step of the GGUF's own, and a MatMulNBits over them (accuracy level 0) gives
+    the float matmul of the GGUF's values to that precision."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgesdk.exporters.gguf_blocks import decode_raw
+    from edgesdk.exporters.gguf_stream import _q8
+
+    rng = np.random.default_rng(3)
+    n, k = 48, 512
+    raw = _k_blocks(Q.Q6_K, n * k // 256, rng)  # random codes, sub-scales 1..39: two per block of 32
+    blocks = decode_raw("Q6_K", n, k, raw)
+    exact = blocks.values()
+    packed = _q8(blocks)
+    b, scale = packed["B"], packed["scales"]
+    assert b.shape == (n, k // 32, 32) and b.dtype == np.uint8 and scale.shape == (n, k // 32)
+    back = ((b.astype(np.float32) - 128) * scale[..., None]).reshape(n, k)
+    step = np.repeat(scale, 32, axis=1)
+    assert np.all(np.abs(back - exact) <= 0.5 * step * (1 + 1e-5) + 1e-12)
+    assert np.abs(back - exact).max() > 0  # re-rounded, not a copy: the check above can fail
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                            block_size=32, accuracy_level=0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                          [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scale.reshape(-1), "S")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - x @ back.T).max() < 1e-4 * np.abs(x @ back.T).max()  # the op computes those values
+    assert np.abs(y - x @ exact.T).max() < 1e-2 * np.abs(x @ exact.T).max()  # and they are the GGUF's, to 8 bits

@@ -7,7 +7,8 @@ becomes a MatMulNBits, and the embedding a GatherBlockQuantized, whose initializ
 ``onnx_ir.save`` computes each one from its GGUF tensor(s), writes it and drops it before the next.
 
 Each GGUF tensor keeps its own precision. 4-bit blocks (Q4_0, Q4_1, Q4_K) stay 4-bit, 5-8-bit
-blocks (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) become exact 8-bit; the float offsets of Q4_1/Q4_K/Q5_1/Q5_K
+blocks (Q5_0, Q5_1, Q5_K, Q8_0) become exact 8-bit, and Q6_K's values are re-rounded onto 8-bit
+blocks of 32 (within half an 8-bit step; see _plan); the float offsets of Q4_1/Q4_K/Q5_1/Q5_K
 become residual rows over block sums (gguf_repack's correction). Tensors of types gguf_blocks
 cannot decode (F16, BF16, F32, Q2_K, Q3_K, IQ*...) are quantized with onnxruntime's MLAS quantizer
 (4-bit; 8-bit for undecoded 5-8-bit types). Anything this module cannot map raises ``Unsupported``: the caller then takes the
@@ -29,15 +30,30 @@ from .gguf_blocks import DECODERS, Blocks, decode_raw, read_raw
 from .gguf_repack import _hf_modules, _pack, _stack, _to_matmulnbits, integer_part
 from .progress import Bar, stage, ticking
 
-# GGUF general.architecture values whose weights map onto the builder's graph one to one
-STREAMING = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# GGUF general.architecture values whose weights map onto the builder's graph: one to one, or
+# (phi3) as row ranges of llama.cpp's fused attn_qkv (q|k|v, packed whole again by the builder) and
+# ffn_up (gate|up, split into the builder's gate_proj and up_proj). Gemma's norm weights are read
+# as transformers has them (w, llama.cpp stores 1 + w); the builder adds the 1 back.
+STREAMING = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 _FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K"}
 _AFFINE = {"Q4_1", "Q4_K", "Q5_1", "Q5_K"}  # float offsets: residual rows
-_CENTERED = {"Q4_0", "Q8_0"}  # offset == MatMulNBits' default zero point
+# symmetric types (offset == -2^(bits-1) * scale in their own width): their codes are shifted onto
+# MatMulNBits' default zero point 2^(bits-1) of the width they are carried at, so they need no
+# zero-point tensor (Q5_0 at 8 bits: codes + 112)
+_CENTERED = {"Q4_0", "Q5_0", "Q6_K", "Q8_0"}
 _WIDE = ("Q5", "Q6", "Q8")  # undecoded types that get 8 bits
 _MLAS_ROWS = 16384  # output rows quantized by MLAS at a time
 _CHUNK_ROWS = 16384  # rows of a big tensor decoded and packed at a time
 _SMALL_E = 1 << 20  # bytes: block sums by a MatMul with a 0/1 matrix up to this size, else ReduceSum
+
+
+# Q6_K's 6-bit codes have a scale per 16 values. Carried exactly, that is an 8-bit MatMulNBits
+# with block 16 (10 bits per weight, and measured here 1.37x slower per step than block 32 at
+# the same bytes). Instead its exact values are re-rounded onto symmetric 8-bit blocks of 32 by
+# ONNX Runtime's MLAS quantizer (9 bits per weight): what llama.cpp's own Q8_0 of those values
+# would be, an error of at most half an 8-bit step (1/254 of the block's largest value). (MLAS's
+# symmetric 8-bit quantizer is not used: measured here, it errs by up to 0.95 of a step.)
 
 
 class Unsupported(Exception):
@@ -48,19 +64,21 @@ class Unsupported(Exception):
 class Report:
     carried: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensors kept exactly
     requantized: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensors quantized by MLAS
+    rerounded: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensors whose values went 8-bit (Q6_K)
     corrected: int = 0  # MatMulNBits with residual rows
     representations: dict[str, dict[str, int]] = field(default_factory=dict)
     tensors: dict[str, str] = field(default_factory=dict)
 
-    def add(self, name: str, kind: str, how: str, exact: bool) -> None:
+    def add(self, name: str, kind: str, how: str, method: str) -> None:
         self.tensors[name] = f"{kind} -> {how}"
-        book = self.carried if exact else self.requantized
+        book = {"blocks": self.carried, "q8": self.rerounded, "mlas": self.requantized}[method]
         book[kind] = book.get(kind, 0) + 1
         per = self.representations.setdefault(kind, {})
         per[how] = per.get(how, 0) + 1
 
     def manifest(self) -> dict:
         d = {"carried": dict(sorted(self.carried.items())), "requantized": dict(sorted(self.requantized.items())),
+             "rerounded_to_8bit": dict(sorted(self.rerounded.items())),
              "offset_corrections": self.corrected, "streamed": True,
              "representations": {k: dict(sorted(v.items())) for k, v in sorted(self.representations.items())}}
         if len(self.tensors) <= 64:
@@ -150,6 +168,11 @@ def _tensor_table(path: Path) -> dict[str, _TensorInfo]:
     return table
 
 
+def _base(name: str) -> str:
+    """The GGUF tensor's name, without the row range of a slice (``blk.0.ffn_up.weight[0:8192]``)."""
+    return name.split("[", 1)[0]
+
+
 class _Gguf:
     """GGUF tensors by HF parameter name (transformers' own name map and row permutation)."""
 
@@ -170,8 +193,39 @@ class _Gguf:
             base, dot, suffix = hf_name.rpartition(".")
             if suffix in ("weight", "bias") and (g := names.get_name(base)) is not None:
                 self.gguf_name[hf_name] = f"{g}.{suffix}"
+        # fused HF matrices (Phi-3's qkv_proj and gate_up_proj, as llama.cpp's attn_qkv and
+        # ffn_up) whose builder graph has the parts: part name -> (fused name, first row, rows)
+        self.fused: dict[str, tuple[str, int, int]] = {}
+        heads, hidden = config["num_attention_heads"], config["hidden_size"]
+        head_dim = config.get("head_dim") or hidden // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        splits = {"self_attn.qkv_proj": [("self_attn.q_proj", heads * head_dim),
+                                         ("self_attn.k_proj", kv_heads * head_dim),
+                                         ("self_attn.v_proj", kv_heads * head_dim)],
+                  "mlp.gate_up_proj": [("mlp.gate_proj", config["intermediate_size"]),
+                                       ("mlp.up_proj", config["intermediate_size"])]}
+        for hf_name in list(self.gguf_name):
+            for fused, parts in splits.items():
+                if hf_name.endswith(f".{fused}.weight"):
+                    prefix, row = hf_name[: -len(f"{fused}.weight")], 0
+                    for part, rows in parts:
+                        self.fused[f"{prefix}{part}.weight"] = (hf_name, row, rows)
+                        row += rows
 
     def tensor(self, hf_param: str):
+        if hf_param not in self.gguf_name and hf_param in self.fused:  # rows of a fused tensor
+            fused, row, rows = self.fused[hf_param]
+            t = self.tensor(fused)
+            if len(t.shape) != 2:
+                raise Unsupported(f"{t.name} is not a matrix")
+            k, n = (int(s) for s in t.shape)
+            if row + rows > n or t.n_bytes % n:
+                raise Unsupported(f"{t.name} is not [{row + rows}, ...] rows that hold {hf_param}")
+            if self.permuted(t):
+                raise Unsupported(f"{t.name}: rows of a permuted tensor")
+            per_row = t.n_bytes // n
+            return _TensorInfo(f"{t.name}[{row}:{row + rows}]", t.tensor_type, (k, rows),
+                               t.data_offset + row * per_row, rows * per_row)
         name = self.gguf_name.get(hf_param)
         if name not in self.tensors and hf_param == "lm_head.weight":  # tied: the embedding
             name = self.gguf_name.get("model.embed_tokens.weight")
@@ -179,9 +233,29 @@ class _Gguf:
             raise Unsupported(f"no GGUF tensor holds {hf_param}")
         return self.tensors[name]
 
+    def merged(self, parts: list) -> list:
+        """``parts`` with consecutive row ranges of one GGUF tensor joined (the whole tensor when
+        they cover it: q|k|v rows of attn_qkv packed again by the builder)."""
+        out: list = []
+        for t in parts:
+            last = out[-1] if out else None
+            if (last is not None and "[" in t.name and "[" in last.name and _base(t.name) == _base(last.name)
+                    and last.data_offset + last.n_bytes == t.data_offset):
+                lo = int(last.name.rsplit("[", 1)[1].split(":")[0])
+                rows = int(last.shape[1]) + int(t.shape[1])
+                out[-1] = _TensorInfo(f"{_base(t.name)}[{lo}:{lo + rows}]", t.tensor_type, (t.shape[0], rows),
+                                      last.data_offset, last.n_bytes + t.n_bytes)
+            else:
+                out.append(t)
+        for i, t in enumerate(out):
+            whole = self.tensors.get(_base(t.name))
+            if "[" in t.name and whole is not None and (whole.data_offset, whole.n_bytes) == (t.data_offset, t.n_bytes):
+                out[i] = whole
+        return out
+
     def _permute(self, t, a: np.ndarray) -> np.ndarray:
         n = a.shape[0]
-        perm = np.asarray(self.processor.process(np.arange(n, dtype=np.int64).reshape(n, 1), t.name).weights)
+        perm = np.asarray(self.processor.process(np.arange(n, dtype=np.int64).reshape(n, 1), _base(t.name)).weights)
         perm = perm.reshape(n)
         return a if np.array_equal(perm, np.arange(n)) else a[perm]
 
@@ -191,7 +265,7 @@ class _Gguf:
 
         shape = tuple(int(s) for s in reversed(t.shape))
         a = dequantize(read_raw(self.path, t), t.tensor_type).reshape(shape).astype(np.float32)
-        return self._permute(t, a) if a.ndim == 2 else np.asarray(self.processor.process(a, t.name).weights)
+        return self._permute(t, a) if a.ndim == 2 else np.asarray(self.processor.process(a, _base(t.name)).weights)
 
     def blocks(self, t, rows: slice | None = None) -> Blocks:
         """The tensor's blocks, or those of ``rows`` only (rows of a tensor whose rows are not
@@ -219,7 +293,7 @@ class _Plan:
     """One MatMulNBits (or GatherBlockQuantized) over one or more GGUF tensors stacked along N."""
     parts: list  # GGUF reader tensors
     kinds: list[str]
-    method: str  # "blocks" (the GGUF's own codes) or "mlas"
+    method: str  # "blocks" (the GGUF's own codes), "q8" (Q6_K's values re-rounded to 8 bits) or "mlas"
     bits: int
     block: int
     k: int
@@ -238,7 +312,9 @@ class _Plan:
 
     def describe(self, op: str = "MatMulNBits") -> str:
         extra = ", offset rows" if self.residual else ""
-        src = "" if self.method == "blocks" else f", MLAS from {'/'.join(sorted(set(self.kinds)))}"
+        kinds = '/'.join(sorted(set(self.kinds)))
+        src = "" if self.method == "blocks" else f", re-rounded from {kinds}" if self.method == "q8" \
+            else f", MLAS from {kinds}"
         return f"{op} {self.bits}-bit b{self.block}{extra}{src}"
 
 
@@ -250,9 +326,10 @@ def _plan(parts: list, symmetric: bool, block_size: int) -> list[_Plan]:
         if len(t.shape) != 2:
             raise Unsupported(f"{t.name} is not a matrix")
         k, n = (int(s) for s in t.shape)
-        if kind in DECODERS:
-            block = 16 if kind == "Q6_K" else 32
-            p = _Plan([t], [kind], "blocks", 4 if kind in _FOUR_BIT else 8, block, k, n, kind in _AFFINE,
+        if kind == "Q6_K":  # 16-value sub-blocks: re-rounded onto 8-bit blocks of 32 (see above)
+            p = _Plan([t], [kind], "q8", 8, 32, k, n, False, False)
+        elif kind in DECODERS:
+            p = _Plan([t], [kind], "blocks", 4 if kind in _FOUR_BIT else 8, 32, k, n, kind in _AFFINE,
                       kind not in _CENTERED)
         else:
             p = _Plan([t], [kind], "mlas", 8 if kind.startswith(_WIDE) else 4, block_size, k, n, False, not symmetric)
@@ -268,6 +345,34 @@ def _plan(parts: list, symmetric: bool, block_size: int) -> list[_Plan]:
         else:
             plans.append(p)
     return plans
+
+
+def _q8(b: Blocks) -> dict[str, np.ndarray]:
+    """``b``'s values on symmetric 8-bit blocks of 32 (round to nearest, the default zero point
+    128, no zero-point tensor): MatMulNBits' B [N, K / 32, 32] and scales [N, K / 32]."""
+    n, k = b.shape
+    w = b.values().reshape(n, k // 32, 32)
+    scale = np.abs(w).max(axis=-1) / 127
+    q = np.rint(w / np.where(scale == 0, 1, scale)[..., None]) + 128
+    return {"B": np.clip(q, 1, 255).astype(np.uint8), "scales": scale.astype(np.float32)}
+
+
+def _recentred(b: Blocks, bits: int) -> Blocks:
+    """``b`` (a symmetric type: offset == -c * scale with a whole c per block) with its codes
+    shifted so that c becomes ``bits``' default zero point 2^(bits-1): the same values, and no
+    zero-point tensor. Exact: codes are integers, the offsets are rebuilt from the scales."""
+    half = 1 << (bits - 1)
+    scale = b.scale
+    safe = np.where(scale == 0, 1, scale)
+    c = np.rint(-b.offset / safe)
+    c[scale == 0] = half  # an all-zero block: any code gives 0
+    if np.all(c == half):
+        return b
+    n, k = b.q.shape
+    q = b.q.reshape(n, -1, b.block).astype(np.int16) + (half - c).astype(np.int16)[..., None]
+    if q.min() < 0 or q.max() > (1 << bits) - 1:
+        raise ValueError(f"codes do not fit {bits} bits around the default zero point")
+    return Blocks(q.reshape(n, k).astype(np.uint8), scale, (-half * scale).astype(np.float32), b.block, bits)
 
 
 class _Weights:
@@ -326,8 +431,12 @@ class _Weights:
     def _matmul(self, plan: _Plan) -> dict[str, np.ndarray]:
         if plan.method == "mlas":
             return self._mlas(plan, self._floats(plan))
+        if plan.method == "q8":
+            return self._chunks(plan, _q8)
 
         def pack(blocks: Blocks) -> dict[str, np.ndarray]:
+            if not plan.zero_points:
+                blocks = _recentred(blocks, plan.bits)
             packed, _ = _to_matmulnbits(blocks, plan.bits, residual_rows=plan.residual, zero_points=plan.zero_points)
             out = {"B": packed.b, "scales": packed.scales}
             if packed.zero_points is not None:
@@ -336,12 +445,14 @@ class _Weights:
         return self._chunks(plan, pack)
 
     def _embedding(self, plan: _Plan) -> dict[str, np.ndarray]:
-        if plan.method == "mlas":
-            out = self._mlas(plan, self._floats(plan))
+        if plan.method in ("mlas", "q8"):
+            out = self._mlas(plan, self._floats(plan)) if plan.method == "mlas" else self._chunks(plan, _q8)
             out["B"] = out["B"].reshape(plan.n, -1)
             return out
 
         def pack(b: Blocks) -> dict[str, np.ndarray]:
+            if not plan.zero_points:
+                b = _recentred(b, plan.bits)
             q, scale, zp, residual = integer_part(b, plan.bits)
             if not plan.residual and np.any(np.abs(residual) > 1e-7 * np.maximum(np.abs(scale), 1e-30)):
                 raise ValueError(f"{plan.parts[0].name}: offsets that are not whole zero points")
@@ -556,7 +667,7 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
                        ("accuracy_level", settings["accuracy_level"])):
             n.attributes[a] = ir.AttrInt64(a, val)
         for t, kind in zip(plan.parts, plan.kinds):
-            report.add(t.name, kind, plan.describe(), plan.method == "blocks")
+            report.add(t.name, kind, plan.describe(), plan.method)
 
     lm_plan: _Plan | None = None
     lm_base = None
@@ -568,7 +679,7 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
             raise Unsupported(f"cannot map the MatMul weight {wname} to GGUF tensors")
         base = wname[: -len(".weight")]
         modules = _hf_modules(wname[: -len(".MatMul.weight")])
-        parts = [gg.tensor(f"{m}.weight") for m in modules]
+        parts = gg.merged([gg.tensor(f"{m}.weight") for m in modules])
         k, n_total = (int(d) for d in n.inputs[1].const_value.shape)
         plans = _plan(parts, settings["symmetric"], settings["block_size"])
         if any(p.k != k for p in plans) or sum(p.n for p in plans) != n_total:
@@ -680,7 +791,7 @@ def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, se
         per[how] = per.get(how, 0) + 1
     else:
         report.add(t.name + " (embedding)" if lm_plan is not None and lm_plan.parts == [t] else t.name,
-                   plan.kinds[0], how, plan.method == "blocks")
+                   plan.kinds[0], how, plan.method)
 
 
 def _save(model, path: Path) -> None:
