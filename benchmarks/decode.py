@@ -65,11 +65,11 @@ def gguf_path(source: str) -> Path:
 
 
 # -- workers: each prints one JSON line ---------------------------------------------------------
-def worker_edgesdk(a) -> dict:
+def worker_edgesdk(a, artifact: str | None = None) -> dict:
     import edgesdk
 
     t = time.perf_counter()
-    model = edgesdk.load(a.artifact, threads=a.threads)
+    model = edgesdk.load(artifact or a.artifact, threads=a.threads)
     load_s = time.perf_counter() - t
     model.eos_token_ids = set()  # always generate the full count
 
@@ -195,7 +195,8 @@ def measure(a, encode, run, load_s, long=True, sampled=True, prompts=None) -> di
 
 
 WORKERS = {"edgesdk": worker_edgesdk, "onnxruntime-genai": worker_genai, "llama.cpp": worker_llamacpp,
-           "transformers": worker_transformers}
+           "transformers": worker_transformers,
+           "edgesdk-other": lambda a: worker_edgesdk(a, a.other_artifact)}
 
 
 # -- driver -------------------------------------------------------------------------------------
@@ -263,6 +264,8 @@ def main() -> int:
     p.add_argument("--engines", default=None,
                    help="comma-separated (default: edgesdk,onnxruntime-genai,llama.cpp when found, "
                         "+transformers for smollm2)")
+    p.add_argument("--other-artifact", default=None,
+                   help="a second edgesdk artifact of the same model, run as engine edgesdk-other (A/B a change)")
     p.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompts", default="108,512,2048", help="prompt lengths for TTFT; the first is the decode prompt")
@@ -284,10 +287,13 @@ def main() -> int:
 
     engines = a.engines.split(",") if a.engines else (
         ["edgesdk", "onnxruntime-genai"] + (["llama.cpp"] if a.llama_bench else [])
-        + (["transformers"] if a.model == "smollm2" and a.gguf == MODELS["smollm2"][0] else []))
+        + (["transformers"] if a.model == "smollm2" and a.gguf == MODELS["smollm2"][0] else [])
+        + (["edgesdk-other"] if a.other_artifact else []))
     unknown = set(engines) - set(WORKERS)
     if unknown:
         p.error(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKERS)}")
+    if "edgesdk-other" in engines and not (a.other_artifact and Path(a.other_artifact, "edgesdk.json").is_file()):
+        p.error("edgesdk-other needs --other-artifact DIR (an edgesdk artifact)")
     if "llama.cpp" in engines and not (a.llama_bench and Path(a.llama_bench).is_file()):
         p.error("llama.cpp needs --llama-bench PATH (see the build steps at the top of this file)")
     if not Path(a.artifact, "edgesdk.json").is_file():

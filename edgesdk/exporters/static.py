@@ -71,10 +71,9 @@ def _rotation(head: int, rot: int, interleaved: bool) -> np.ndarray:
     return r
 
 
-def host_tables(model, genai: dict) -> dict[str, Any]:
-    """Read what moves to the host from the builder graph: the embedding table and RoPE caches."""
-    from onnx import numpy_helper
-
+def host_tables(model, genai: dict, base: str | Path = "") -> dict[str, Any]:
+    """Read what moves to the host from the builder graph: the embedding table and RoPE caches
+    (``base``: the folder of a graph loaded without its external data)."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
@@ -83,9 +82,9 @@ def host_tables(model, genai: dict) -> dict[str, Any]:
         raise UnsupportedArchitectureError("the builder graph has no embedding Gather on input_ids")
     src = gather.input[0]
     if src in inits:
-        table = numpy_helper.to_array(inits[src])
+        table = _array(inits[src], base)
     elif src in producers and producers[src].op_type == "Transpose" and producers[src].input[0] in inits:
-        table = numpy_helper.to_array(inits[producers[src].input[0]]).T  # tied to the lm_head
+        table = _array(inits[producers[src].input[0]], base).T  # tied to the lm_head
     else:
         raise UnsupportedArchitectureError(f"cannot find the embedding table of {gather.name}")
     gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
@@ -94,8 +93,8 @@ def host_tables(model, genai: dict) -> dict[str, Any]:
     a = _attrs(gqa[0])
     if not a.get("do_rotary"):
         raise UnsupportedArchitectureError("the static recipe needs RoPE inside attention (do_rotary=1)")
-    cos = numpy_helper.to_array(inits[gqa[0].input[7]])
-    sin = numpy_helper.to_array(inits[gqa[0].input[8]])
+    cos = _array(inits[gqa[0].input[7]], base)
+    sin = _array(inits[gqa[0].input[8]], base)
     for n in gqa[1:]:
         if n.input[7] != gqa[0].input[7] or _attrs(n).get("local_window_size", -1) != a.get("local_window_size", -1):
             raise UnsupportedArchitectureError(
@@ -110,8 +109,9 @@ def host_tables(model, genai: dict) -> dict[str, Any]:
             "layers": dec["num_hidden_layers"]}
 
 
-def rewrite(model, tables: dict[str, Any], shape: Shape):
-    """One static graph (a new ModelProto sharing the initializers' data) from the builder graph."""
+def rewrite(model, tables: dict[str, Any], shape: Shape, base: str | Path = ""):
+    """One static graph from the builder graph (a copy: load ``model`` without its external data,
+    from folder ``base``, and the copy is weightless too; save_family then streams the weights)."""
     from onnx import TensorProto, helper, numpy_helper
 
     m = copy.deepcopy(model)
@@ -227,7 +227,7 @@ def rewrite(model, tables: dict[str, Any], shape: Shape):
     if shape.plain_ops:
         _decompose_norms(g)
     if shape.dtype == "float16":
-        _to_fp16(g)
+        _to_fp16(g, base)
     _check_static(m)
     return m
 
@@ -271,13 +271,13 @@ def _decompose_norms(g) -> None:
     g.node.extend(out)
 
 
-def _to_fp16(g) -> None:
+def _to_fp16(g, base: str | Path = "") -> None:
     """Every float initializer, input and output as float16 (the attention consts are made so already)."""
     from onnx import TensorProto, numpy_helper
 
     for i, t in enumerate(g.initializer):
         if t.data_type == TensorProto.FLOAT:
-            arr = numpy_helper.to_array(t).astype(np.float16)
+            arr = _array(t, base).astype(np.float16)
             g.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
 
 
@@ -313,28 +313,74 @@ def _check_static(m) -> None:
         raise UnsupportedArchitectureError(f"the static graph still has {', '.join(bad)} nodes")
 
 
-def save_family(models: dict[str, Any], folder: Path, data_name: str = WEIGHTS) -> dict[str, int]:
+def _external(t) -> dict[str, str] | None:
+    from onnx import TensorProto
+
+    if t.data_location != TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in t.external_data}
+
+
+def _raw(t, base: str | Path = "") -> bytes | None:
+    """The raw bytes of an initializer, read from its external file (relative to ``base``, or an
+    absolute location) when it has one; None for typed fields (kept inline)."""
+    ext = _external(t)
+    if ext is None:
+        return t.raw_data if t.HasField("raw_data") else None
+    with open(Path(base) / ext["location"], "rb") as f:
+        f.seek(int(ext.get("offset", 0)))
+        return f.read(int(ext["length"])) if "length" in ext else f.read()
+
+
+def _array(t, base: str | Path = "") -> np.ndarray:
+    """An initializer as an array, external data read from ``base`` (one tensor at a time)."""
+    from onnx import helper, numpy_helper
+
+    ext = _external(t)
+    if ext is None:
+        return numpy_helper.to_array(t)
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.frombuffer(_raw(t, base), dtype).reshape(tuple(t.dims))
+
+
+def save_family(models: dict[str, Any], folder: Path, data_name: str = WEIGHTS, base: str | Path = "") -> dict[str, int]:
     """Write graphs ``name.onnx`` whose initializers live once in ``folder/data_name`` (identical
-    tensors of different graphs share one copy). Returns bytes written / bytes referenced."""
+    tensors of different graphs share one copy). Initializers may be external, read tensor by tensor
+    from ``base`` (graphs loaded without their data): no graph's weights are ever all in memory.
+    Returns bytes written / bytes referenced."""
     import onnx
     from onnx import TensorProto
 
     seen: dict[bytes, tuple[int, int]] = {}
+    where: dict[tuple, tuple[int, int]] = {}  # external source (file, offset, length) -> its copy
     written = referenced = 0
     with open(folder / data_name, "wb") as f:
         for name, model in models.items():
             for t in model.graph.initializer:
-                if not t.HasField("raw_data") or len(t.raw_data) < 1024:
-                    continue  # small, or typed fields (packed int4 does not round-trip through numpy): inline
-                raw = t.raw_data
-                key = hashlib.sha256(raw).digest() + bytes([t.data_type]) + str(list(t.dims)).encode()
-                if key not in seen:
-                    pad = (-f.tell()) % 64
-                    f.write(b"\0" * pad)
-                    seen[key] = (f.tell(), len(raw))
-                    f.write(raw)
-                    written += len(raw)
-                offset, length = seen[key]
+                ext = _external(t)
+                src = (ext.get("location"), ext.get("offset"), ext.get("length"), t.data_type) if ext else None
+                if src is not None and src in where:
+                    offset, length = where[src]
+                else:
+                    raw = _raw(t, base)
+                    if raw is None or (ext is None and len(raw) < 1024):
+                        continue  # small, or typed fields (packed int4 does not round-trip through numpy): inline
+                    if len(raw) < 1024:
+                        t.ClearField("data_location")
+                        del t.external_data[:]
+                        t.raw_data = raw
+                        continue
+                    key = hashlib.sha256(raw).digest() + bytes([t.data_type]) + str(list(t.dims)).encode()
+                    if key not in seen:
+                        pad = (-f.tell()) % 64
+                        f.write(b"\0" * pad)
+                        seen[key] = (f.tell(), len(raw))
+                        f.write(raw)
+                        written += len(raw)
+                    del raw
+                    offset, length = seen[key]
+                    if src is not None:
+                        where[src] = seen[key]
                 referenced += length
                 t.ClearField("raw_data")
                 t.data_location = TensorProto.EXTERNAL
@@ -358,12 +404,13 @@ def build_family(builder_model_path: Path, genai: dict, folder: Path, chunk: int
     """The prefill/decode pair (FP32 or FP16) from the builder graph at ``builder_model_path``."""
     import onnx
 
-    model = onnx.load(str(builder_model_path))
-    tables = host_tables(model, genai)
-    family = {"prefill": rewrite(model, tables, Shape(chunk, context, dtype, plain_ops)),
-              "decode": rewrite(model, tables, Shape(1, context, dtype, plain_ops))}
+    base = builder_model_path.parent  # weightless graphs: the weights stream from the builder's file
+    model = onnx.load(str(builder_model_path), load_external_data=False)
+    tables = host_tables(model, genai, base)
+    family = {"prefill": rewrite(model, tables, Shape(chunk, context, dtype, plain_ops), base),
+              "decode": rewrite(model, tables, Shape(1, context, dtype, plain_ops), base)}
     del model
-    sizes = save_family(family, folder)
+    sizes = save_family(family, folder, base=base)
     write_host_tables(tables, folder, dtype)
     return {"chunk": chunk, "context": context, "dtype": dtype, "graphs": {k: f"{k}.onnx" for k in family},
             "weights": WEIGHTS, "embed": EMBED, "rope": ROPE, "layers": tables["layers"],
@@ -416,17 +463,61 @@ def _calibration_ids(hf_dir: Path, path: Path, chunk: int) -> list[int]:
     return ids
 
 
+class Records:
+    """One graph's recorded calibration inputs, kept small: each record keeps its host inputs
+    (embeddings, mask, cos/sin) and its cache length L; its KV-cache inputs are rebuilt on demand
+    from one snapshot of the cache per window, exactly (in a window each slot is written once, the
+    slots past L are zeros: rewind zeroes them), instead of a full copy of the cache per record."""
+
+    def __init__(self):
+        self.host: list[dict[str, np.ndarray]] = []
+        self.at: list[tuple[int, int]] = []  # (window, cache length)
+        self.caches: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.names: tuple[list[str], list[str]] = ([], [])
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        w, L = self.at[i]
+        keys, values = self.caches[w]
+        feeds = dict(self.host[i])
+        for name, k in zip(self.names[0], keys):
+            past = np.zeros_like(k)
+            past[..., :L] = k[..., :L]
+            feeds[name] = past
+        for name, v in zip(self.names[1], values):
+            past = np.zeros_like(v)
+            past[:, :, :L] = v[:, :, :L]
+            feeds[name] = past
+        return feeds
+
+
 def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int = 4, max_windows: int = 4,
-                       decode_steps: int = 16) -> dict[str, list[dict[str, np.ndarray]]]:
+                       decode_steps: int = 16) -> dict[str, Records]:
     """Run real text through the FP32 pair with the static loop itself and keep every graph's
     inputs: prefill chunks (up to ``max_chunks`` per window of the context) then one-token decode
-    steps (up to ``decode_steps``), teacher-forced on the text, in up to ``max_windows`` windows."""
+    steps (up to ``decode_steps``), teacher-forced on the text, in up to ``max_windows`` windows.
+
+    One graph's session at a time (not both graphs' weights at once): every window's prefill
+    chunks first, keeping its cache; then, from that cache, its decode steps. The inputs are the
+    ones the interleaved loop gives (each window starts from a rewound, zeroed cache)."""
     from ..runtime.session import create_session
     from ..runtime.static_decoder import StaticDecoder
 
-    records: dict[str, list] = {"prefill": [], "decode": []}
-    sessions = [create_session(folder / f"{g}.onnx") for g in GRAPHS]
-    dec = StaticDecoder(folder, info, *sessions, recorder=lambda g, feeds: records[g].append(feeds))
+    spec = {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value", **info}
+    L = info["layers"]
+    records = {g: Records() for g in GRAPHS}
+    for r in records.values():
+        r.names = ([spec["past_key"] % i for i in range(L)], [spec["past_value"] % i for i in range(L)])
+    window = [0]
+
+    def recorder(g, feeds, dec_holder):
+        dec = dec_holder[0]
+        records[g].host.append({k: v for k, v in feeds.items() if not k.startswith("past_key_values.")
+                                and k not in records[g].names[0] and k not in records[g].names[1]})
+        records[g].at.append((window[0], dec.length))
+
     C, S = info["context"], info["chunk"]
     steps = min(decode_steps, C - S)
     prefill = min(max_chunks * S, C - steps) // S * S
@@ -434,15 +525,34 @@ def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int
     windows = ([w for w in windows if len(w) > S] or [ids[: prefill + steps]])[:max_windows]
     total = sum(len(w[:prefill]) // S + min(steps, len(w) - len(w[:prefill]) // S * S) for w in windows)
     with bar(total, "calibrating") as tick:
-        for w in windows:
-            dec.rewind(0)
-            head = w[: len(w[:prefill]) // S * S]
-            for i in range(0, len(head), S):
-                dec.forward(head[i: i + S])
-                tick()
-            for t in w[len(head):][:steps]:
-                dec.forward([t])
-                tick()
+        for g in GRAPHS:
+            # the one session stands in for both graphs: only graph g runs in this pass
+            session = create_session(folder / f"{g}.onnx")
+            holder = [None]
+            dec = holder[0] = StaticDecoder(folder, info, session, session,
+                                            recorder=lambda which, feeds: recorder(which, feeds, holder))
+            for n, w in enumerate(windows):
+                window[0] = n
+                head = w[: len(w[:prefill]) // S * S]
+                if g == "prefill":
+                    dec.rewind(0)
+                    for i in range(0, len(head), S):
+                        dec.forward(head[i: i + S])
+                        tick()
+                else:  # the cache the prefill pass left for this window
+                    dec.rewind(0)
+                    keys, values = records["prefill"].caches.get(n, (None, None))
+                    if keys is not None:
+                        for dst, src in zip(dec.keys + dec.values, keys + values):
+                            dst[...] = src
+                    dec._length = len(head)
+                    for t in w[len(head):][:steps]:
+                        dec.forward([t])
+                        tick()
+                records[g].caches[n] = ([k.copy() for k in dec.keys], [v.copy() for v in dec.values])
+            del dec, holder, session
+        # a prefill record needs the slots before it only: the window's final cache has them too
+        records["prefill"].caches = records["decode"].caches
     return records
 
 
@@ -464,22 +574,72 @@ def bar(total: int, label: str):
 
 
 class _Reader:
-    """onnxruntime.quantization's CalibrationDataReader over recorded feeds."""
+    """onnxruntime.quantization's CalibrationDataReader over recorded feeds[start:stop] (a list, or
+    Records, whose feeds are rebuilt one at a time as they are read)."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self.feeds, self.i = feeds, 0
+    def __init__(self, feeds, start: int = 0, stop: int | None = None):
+        self.feeds, self.start = feeds, start
+        self.stop = len(feeds) if stop is None else min(stop, len(feeds))
+        self.i = start
 
     def get_next(self):
-        if self.i >= len(self.feeds):
+        if self.i >= self.stop:
             return None
         self.i += 1
         return self.feeds[self.i - 1]
 
     def rewind(self):
-        self.i = 0
+        self.i = self.start
 
 
-def matmuls_to_gemm(model) -> None:
+class _Transposes:
+    """W^T of each weight, written to ``path`` one at a time as they are made (the graphs refer to
+    it by absolute location until save_family copies them into their weights file)."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.done = path, open(path, "wb"), {}
+
+    def add(self, w, base: str | Path):
+        from onnx import TensorProto
+
+        ext = _external(w)
+        key = (ext.get("location"), ext.get("offset"), w.name) if ext else w.name
+        if key not in self.done:
+            raw = np.ascontiguousarray(_array(w, base).T).tobytes()
+            self.f.write(b"\0" * ((-self.f.tell()) % 64))
+            self.done[key] = (self.f.tell(), len(raw))
+            self.f.write(raw)
+            del raw
+        offset, length = self.done[key]
+        t = TensorProto(name=w.name + ".T", data_type=w.data_type, dims=list(reversed(w.dims)))
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", str(self.path.resolve())), ("offset", str(offset)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def gemm_family(src: Path, dst: Path) -> dict[str, int]:
+    """The Gemm form (matmuls_to_gemm) of the pair in ``src``, written to ``dst``, streaming the
+    weights tensor by tensor (never a whole graph's weights in memory)."""
+    import onnx
+
+    family = {g: onnx.load(str(src / f"{g}.onnx"), load_external_data=False) for g in GRAPHS}
+    sink = _Transposes(dst / "transposed.data")
+    try:
+        for m in family.values():
+            matmuls_to_gemm(m, src, sink)
+    finally:
+        sink.close()
+    sizes = save_family(family, dst, base=src)
+    (dst / "transposed.data").unlink()
+    return sizes
+
+
+def matmuls_to_gemm(model, base: str | Path = "", transposes: _Transposes | None = None) -> None:
     """MatMul(x [1, S, in], W [in, out]) -> Reshape, Gemm(x, W^T [out, in], transB=1), Reshape.
 
     Measured on the HTP simulator: per-channel weights on a MatMul (axis 1) compute wrong
@@ -500,7 +660,8 @@ def matmuls_to_gemm(model) -> None:
             out.append(n)
             continue
         if w.name not in done:
-            wt = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), w.name + ".T")
+            wt = transposes.add(w, base) if transposes is not None else \
+                numpy_helper.from_array(np.ascontiguousarray(_array(w, base).T), w.name + ".T")
             g.initializer.append(wt)
             done[w.name] = wt.name
         rows, k, m = x_shape[0] * x_shape[1], int(w.dims[0]), int(w.dims[1])
@@ -554,7 +715,7 @@ def qdq_config(src: Path, precision: str, ranges: dict[str, tuple[float, float]]
     return cfg
 
 
-def observe_ranges(src: Path, feeds: list[dict[str, np.ndarray]], cfg, work: Path, batch: int = 8):
+def observe_ranges(src: Path, feeds, cfg, work: Path, batch: int = 8):
     """MinMax ranges of every tensor the config quantizes, over the recorded feeds, ``batch`` records
     at a time (each collect_data call folds its outputs into the ranges, so memory holds one batch).
 
@@ -564,14 +725,20 @@ def observe_ranges(src: Path, feeds: list[dict[str, np.ndarray]], cfg, work: Pat
     """
     import tempfile
 
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
     with tempfile.TemporaryDirectory(dir=work) as tmp, progress.library_output():
-        cal = create_calibrator(src, cfg.op_types_to_quantize, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                                providers=["CPUExecutionProvider"])
+        # create_calibrator's steps, with its in-memory copy of the model (every weight) dropped
+        # once the augmented model is written, before the session loads the weights again
+        cal = MinMaxCalibrater(src, cfg.op_types_to_quantize, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                               use_external_data_format=True)
+        cal.augment_graph()
+        cal.model = None  # MinMax's collect/compute read only the session and the output names
+        _release()
+        cal.execution_providers = ["CPUExecutionProvider"]
+        cal.create_inference_session()
         for i in range(0, len(feeds), batch):
-            cal.collect_data(_Reader(feeds[i: i + batch]))
+            cal.collect_data(_Reader(feeds, i, i + batch))
         data = cal.compute_data()
         del cal
     return data
@@ -592,6 +759,17 @@ def joint_ranges(observed: list, path: Path) -> None:
                 lo, hi = min(lo, merged[name][0]), max(hi, merged[name][1])
             merged[name] = (lo, hi)
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, merged), path)
+
+
+def _release() -> None:
+    """Hand freed memory back to the system between stages (glibc keeps freed arenas otherwise,
+    and the next stage's peak stacks on them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def quantize_graph(src: Path, dst: Path, cfg, cache: Path) -> None:
@@ -647,6 +825,7 @@ def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, cont
     cal_ids = _calibration_ids(hf_dir, cal_path, chunk) if qdq else None
     base = work / "builder"
     builder.build(hf_dir, base, work / "cache", "fp32", "cpu", {})
+    _release()
     genai = json.loads((base / "genai_config.json").read_text())
     dtype = "float16" if precision == "fp16" else "float32"
     plain = ep == "coreml"
@@ -663,15 +842,13 @@ def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, cont
 
         with stage(f"Calibrating on {cal_path.name} through the static loop"):
             records = record_calibration(target_dir, info, cal_ids)
+        _release()
         import onnx
 
         gemm_dir = work / "gemm"
         gemm_dir.mkdir()
-        family = {g: onnx.load(str(target_dir / f"{g}.onnx")) for g in GRAPHS}
-        for m in family.values():
-            matmuls_to_gemm(m)
-        save_family(family, gemm_dir)
-        del family
+        gemm_family(target_dir, gemm_dir)
+        _release()
         table = np.load(target_dir / EMBED, mmap_mode="r")
         ranges = {"inputs_embeds": (float(table.min()), float(table.max())), "cos": (-1.0, 1.0),
                   "sin": (-1.0, 1.0), "attention_bias": (QDQ_MASK, 0.0)}
@@ -683,14 +860,16 @@ def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, cont
             with stage(f"Observing the {g} graph's activation ranges ({len(records[g])} calibration records)"):
                 observed.append(observe_ranges(gemm_dir / f"{g}.onnx", records[g], cfgs[g], work))
             records[g] = None
+            _release()
         joint_ranges(observed, work / "ranges.json")
         for g in GRAPHS:
             with stage(f"Quantizing the {g} graph ({QDQ[precision][1]}: 16-bit activations, "
                        f"{8 if precision == 'int8' else 4}-bit symmetric per-channel weights)"):
                 quantize_graph(gemm_dir / f"{g}.onnx", work / f"{g}.qdq.onnx", cfgs[g], work / "ranges.json")
+            _release()
         for g in GRAPHS:
-            quantized[g] = onnx.load(str(work / f"{g}.qdq.onnx"))
-        info["weights_bytes"] = save_family(quantized, folder)["written"]
+            quantized[g] = onnx.load(str(work / f"{g}.qdq.onnx"), load_external_data=False)
+        info["weights_bytes"] = save_family(quantized, folder, base=work)["written"]
         for f in (EMBED, ROPE):
             shutil.copy(target_dir / f, folder / f)
         info["quantization"] = {"scheme": QDQ[precision][1], "activations": "uint16", "weights": QDQ[precision][0].lower(),
