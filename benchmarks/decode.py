@@ -22,6 +22,10 @@ llama-cpp-python sdist, e.g.
         -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2 --target llama-bench
 
 and pass --llama-bench build/bin/llama-bench (or set LLAMA_BENCH). Without it, llama.cpp is skipped.
+On a VM whose CPU reports AMX but whose guest does not enable it, a GGML_NATIVE build dies with
+SIGILL in the AMX kernels: configure with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+-DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF instead (what the measurements here used).
 """
 from __future__ import annotations
 
