@@ -226,10 +226,7 @@ def _stream_gguf(src: sources.Source, recipe: str, precision: str, requantize_gg
     try:
         return gguf_stream.export(src, folder, work, ep, builder.builder_options(precision, profile.export))
     except gguf_stream.Unsupported as e:
-        say(f"    cannot stream {src.path.name} ({e}); dequantizing it through transformers instead")
-        for f in folder.iterdir():  # what the attempt wrote; the builder writes it all again
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
-        shutil.rmtree(work / "hf", ignore_errors=True)
+        _discard_stream(src, e, "dequantizing it through transformers instead", folder, work / "hf")
         return None
 
 
@@ -246,11 +243,17 @@ def _stream_hf(src: sources.Source, recipe: str, precision: str, profile, folder
     try:
         return hf_stream.export(src, folder, work, ep, builder.builder_options(precision, profile.export))[1]
     except hf_stream.Unsupported as e:
-        say(f"    cannot stream {src.path.name} ({e}); loading it through transformers instead")
-        for f in folder.iterdir():  # what the attempt wrote; the builder writes it all again
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
-        shutil.rmtree(work / "cache", ignore_errors=True)
+        _discard_stream(src, e, "loading it through transformers instead", folder, work / "cache")
         return None
+
+
+def _discard_stream(src: sources.Source, why: Exception, instead: str, folder: Path, scratch: Path) -> None:
+    """A streaming attempt that cannot be done: say so in one line and remove what it wrote (in
+    edgesdk's own temporary folders), so the builder's path starts from nothing."""
+    say(f"    cannot stream {src.path.name} ({why}); {instead}")
+    for f in folder.iterdir():
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _carry_gguf_blocks(src: sources.Source, hf_dir: Path, folder: Path) -> dict[str, Any]:

@@ -540,6 +540,25 @@ def export(src, out_dir: Path, work: Path, execution_provider: str, options: dic
             module, leaf = meta.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
             setattr(module, leaf, torch.nn.Parameter(torch.from_numpy(np.array(gg.floats(t), np.float32)),
                                                      requires_grad=False))
+    with stage(f"Building the graph for {execution_provider} with onnxruntime-genai's model builder"), \
+            ticking("building"):
+        captured = build_graph(meta, hf_dir, out_dir, work, execution_provider, options)
+    report = Report()
+    model = captured.pop("model")
+    weights = _rewrite(model, gg, config, captured, report)
+    save_streamed(model, out_dir / captured["filename"], "Writing the tensors from the GGUF")
+    weights.key, weights.value = None, {}  # the last tensor's arrays; the graph's lazy tensors refer to this
+    del model
+    gc.collect()  # the graph's reference cycles, before the caller loads the artifact to check it
+    return hf_dir, report.manifest()
+
+
+def build_graph(meta, hf_dir: Path, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str],
+                check: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Run onnxruntime-genai's builder on the meta-device model ``meta`` (config and tokenizer
+    from ``hf_dir``) and take its float graph before it would quantize or save anything.
+    ``check(builder)`` may refuse the builder's settings (raising Unsupported). Returns the graph
+    (``model``), its ``filename`` and the int4 settings the builder would have used."""
     captured: dict[str, Any] = {}
 
     def load_weights(self, input_path):
@@ -549,40 +568,55 @@ def export(src, out_dir: Path, work: Path, execution_provider: str, options: dic
     def save_model(self, out_dir_):
         if not captured.get("loaded"):
             raise Unsupported(f"the builder's {type(self).__name__} loads its weights its own way")
+        if check is not None:
+            check(self)
+        q = self.quant_attrs
         self.stamp_build_metadata(self.model)
-        captured.update(model=self.model, filename=self.filename, symmetric=bool(self.quant_attrs["is_symmetric"]),
-                        accuracy_level=int(self.quant_attrs["accuracy_level"]),
-                        block_size=int(self.quant_attrs["matmul_block_size"]))
+        captured.update(model=self.model, filename=self.filename, symmetric=bool(q["is_symmetric"]),
+                        accuracy_level=int(q["accuracy_level"]), block_size=int(q["matmul_block_size"]))
 
-    with stage(f"Building the graph for {execution_provider} with onnxruntime-genai's model builder"), \
-            ticking("building"):
-        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-        kv = [f"{k}={v}" for k, v in options.items()] + ["shared_embeddings=false"]
-        try:
-            with _builder_hooks(load_weights, save_model), _hushed() as chatter:
-                extra = parse_extra_options(None, str(hf_dir), str(out_dir), "int4", execution_provider,
-                                            str(work / "cache"), kv)
-                if "hf_details" in extra:
-                    from .builder import _flatten_rope
+    # the embedding is ours to write (shared with lm_head when tied, as the builder would)
+    kv = [f"{k}={v}" for k, v in options.items()] + ["shared_embeddings=false"]
+    try:
+        with _builder_hooks(load_weights, save_model), _hushed() as chatter:
+            extra = parse_extra_options(None, str(hf_dir), str(out_dir), "int4", execution_provider,
+                                        str(work / "cache"), kv)
+            if "hf_details" in extra:
+                from .builder import _flatten_rope
 
-                    _flatten_rope(extra["hf_details"]["hf_config"])
-                create_model(None, str(hf_dir), str(out_dir), "int4", execution_provider, str(work / "cache"), **extra)
-        except Unsupported:
-            raise
-        except Exception as e:  # the builder could not make a graph from this model on the meta device
-            raise Unsupported(f"the builder stopped: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}") from None
-        if "model" not in captured:
-            raise Unsupported("the builder wrote no graph" + (f" ({chatter.getvalue().strip().splitlines()[-1][:150]})"
-                                                               if chatter.getvalue().strip() else ""))
-    report = Report()
-    model = captured.pop("model")
-    weights = _rewrite(model, gg, config, captured, report)
-    _save(model, out_dir / captured["filename"])
-    weights.key, weights.value = None, {}  # the last tensor's arrays; the graph's lazy tensors refer to this
-    del model
-    gc.collect()  # the graph's reference cycles, before the caller loads the artifact to check it
-    return hf_dir, report.manifest()
+                _flatten_rope(extra["hf_details"]["hf_config"])
+            create_model(None, str(hf_dir), str(out_dir), "int4", execution_provider, str(work / "cache"), **extra)
+    except Unsupported:
+        raise
+    except Exception as e:  # the builder could not make a graph from this model on the meta device
+        raise Unsupported(f"the builder stopped: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}") from None
+    if "model" not in captured:
+        raise Unsupported("the builder wrote no graph" + (f" ({chatter.getvalue().strip().splitlines()[-1][:150]})"
+                                                           if chatter.getvalue().strip() else ""))
+    del captured["loaded"]
+    return captured
+
+
+def check_materialized(graph, made: set[str], source: str) -> None:
+    """Every initializer of ``graph`` not in ``made`` must hold real data: one the builder took
+    from the meta-device model (no data) means a weight was not mapped to a ``source`` tensor."""
+    import onnx_ir as ir
+
+    for name, v in list(graph.initializers.items()):
+        if name in made:
+            continue
+        t = v.const_value
+        if isinstance(t, ir.LazyTensor):
+            if int(np.prod(t.shape.numpy())) > (1 << 22):
+                raise Unsupported(f"cannot map the initializer {name} to a {source} tensor")
+            try:
+                t.numpy()
+            except NotImplementedError:  # a meta tensor: no data
+                raise Unsupported(f"cannot map the initializer {name} to a {source} tensor") from None
+        elif getattr(getattr(t, "raw", None), "is_meta", False):
+            raise Unsupported(f"cannot map the initializer {name} to a {source} tensor")
 
 
 def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weights":
@@ -711,19 +745,7 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
         raise Unsupported(f"expected one embedding Gather, found {len(gathers)}")
     _embedding(graph, gathers[0], gg, lm_plan, lm_base, weights, settings, report, const, node)
 
-    for name, v in list(graph.initializers.items()):  # everything left must be a real tensor
-        if name in made:
-            continue
-        t = v.const_value
-        if isinstance(t, ir.LazyTensor):
-            if int(np.prod(t.shape.numpy())) > (1 << 22):
-                raise Unsupported(f"cannot map the initializer {name} to a GGUF tensor")
-            try:
-                t.numpy()
-            except NotImplementedError:  # a meta tensor: no data
-                raise Unsupported(f"cannot map the initializer {name} to a GGUF tensor") from None
-        elif getattr(getattr(t, "raw", None), "is_meta", False):
-            raise Unsupported(f"cannot map the initializer {name} to a GGUF tensor")
+    check_materialized(graph, made, "GGUF")
     return weights
 
 
@@ -794,7 +816,9 @@ def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, se
                    plan.kinds[0], how, plan.method)
 
 
-def _save(model, path: Path) -> None:
+def save_streamed(model, path: Path, what: str) -> None:
+    """Write ``model`` and its external data, computing the lazy initializers one at a time
+    (``what``: the stage line, e.g. "Writing the tensors from the GGUF")."""
     import onnx_ir as ir
 
     model.graph.sort()
@@ -803,7 +827,7 @@ def _save(model, path: Path) -> None:
         if p.exists():
             p.unlink()
     total = sum(1 for v in model.graph.initializers.values() if v.const_value is not None)
-    with stage(f"Writing the tensors from the GGUF into {data.name}"):
+    with stage(f"{what} into {data.name}"):
         bar = Bar(total, "tensors")
 
         def callback(tensor, info) -> None:

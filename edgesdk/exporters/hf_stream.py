@@ -19,17 +19,16 @@ page touched would count in the process's resident memory until it is closed).
 """
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import SourceError
 from .gguf_repack import _hf_modules
-from .gguf_stream import Unsupported, _builder_hooks, _hushed
-from .progress import Bar, stage, ticking
+from .gguf_stream import Unsupported, _hushed, build_graph, check_materialized, save_streamed
+from .progress import stage, ticking
+from .static import _release
 
 # HF model_type values whose weights map onto the builder's graph one to one (as for GGUF)
 STREAMING = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -178,66 +177,23 @@ def export(src, out_dir: Path, work: Path, execution_provider: str, options: dic
         if p.ndim == 1:  # norm weights, biases: real values, so the builder reads them as usual
             module, leaf = meta.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
             setattr(module, leaf, torch.nn.Parameter(torch.from_numpy(weights.rows(name)), requires_grad=False))
-    captured: dict[str, Any] = {}
-
-    def load_weights(self, input_path):
-        captured["loaded"] = True
-        return meta
-
-    def save_model(self, out_dir_):
-        if not captured.get("loaded"):
-            raise Unsupported(f"the builder's {type(self).__name__} loads its weights its own way")
-        q = self.quant_attrs
-        if (getattr(self, "quantization_algo", "default") != "default" or int(q["bits"]) != 4 or q.get("use_qdq")
-                or q.get("nodes_to_exclude") or getattr(self, "int4_customized_weight_config", None)
-                or getattr(self, "matmul_mixed_precision", None) or getattr(self, "quant_type", None) is not None):
+    def check(builder) -> None:
+        q = builder.quant_attrs
+        if (getattr(builder, "quantization_algo", "default") != "default" or int(q["bits"]) != 4 or q.get("use_qdq")
+                or q.get("nodes_to_exclude") or getattr(builder, "int4_customized_weight_config", None)
+                or getattr(builder, "matmul_mixed_precision", None) or getattr(builder, "quant_type", None) is not None):
             raise Unsupported("the profile asks for int4 settings other than MLAS round-to-nearest")
-        self.stamp_build_metadata(self.model)
-        captured.update(model=self.model, filename=self.filename, symmetric=bool(q["is_symmetric"]),
-                        accuracy_level=int(q["accuracy_level"]), block_size=int(q["matmul_block_size"]))
 
     with stage(f"Building the int4 graph for {execution_provider} with onnxruntime-genai's model builder"), \
             ticking("building"):
-        from onnxruntime_genai.models.builder import create_model, parse_extra_options
-
-        # the embedding is ours to write (shared with lm_head when tied, as the builder would)
-        kv = [f"{k}={v}" for k, v in options.items()] + ["shared_embeddings=false"]
-        try:
-            with _builder_hooks(load_weights, save_model), _hushed() as chatter:
-                extra = parse_extra_options(None, str(hf_dir), str(out_dir), "int4", execution_provider,
-                                            str(work / "cache"), kv)
-                if "hf_details" in extra:
-                    from .builder import _flatten_rope
-
-                    _flatten_rope(extra["hf_details"]["hf_config"])
-                create_model(None, str(hf_dir), str(out_dir), "int4", execution_provider, str(work / "cache"), **extra)
-        except Unsupported:
-            raise
-        except Exception as e:  # the builder could not make a graph from this model on the meta device
-            first = str(e).splitlines()[0][:150] if str(e) else ""
-            raise Unsupported(f"the builder stopped: {type(e).__name__}: {first}") from None
-        if "model" not in captured:
-            raise Unsupported("the builder wrote no graph" + (f" ({chatter.getvalue().strip().splitlines()[-1][:150]})"
-                                                               if chatter.getvalue().strip() else ""))
+        captured = build_graph(meta, hf_dir, out_dir, work, execution_provider, options, check)
     model = captured.pop("model")
     packed, report = _rewrite(model, weights, tied, captured)
-    _save(model, out_dir / captured["filename"])
+    save_streamed(model, out_dir / captured["filename"], "Quantizing the weights one at a time")
     packed.key, packed.value = None, {}  # the last weight's arrays; the graph's lazy tensors refer to them
     del model
-    gc.collect()  # the graph's reference cycles, before the caller loads the artifact to check it
-    _trim()
+    _release()  # the graph's reference cycles and freed heap, before the caller checks the artifact
     return hf_dir, report
-
-
-def _trim() -> None:
-    """Give the heap's freed pages back to the system (glibc keeps them otherwise), so that the
-    check session the caller opens next does not stack on top of them."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _rewrite(model, weights: _Safetensors, tied: bool, settings: dict) -> tuple[_Packed, dict]:
@@ -353,41 +309,7 @@ def _rewrite(model, weights: _Safetensors, tied: bool, settings: dict) -> tuple[
         dtypes[kind] = dtypes.get(kind, 0) + 1
         embedding = "Gather float32"
 
-    for name, v in list(graph.initializers.items()):  # everything left must be a real tensor
-        if name in made:
-            continue
-        t = v.const_value
-        if isinstance(t, ir.LazyTensor):
-            if int(np.prod(t.shape.numpy())) > (1 << 22):
-                raise Unsupported(f"cannot map the initializer {name} to a safetensors tensor")
-            try:
-                t.numpy()
-            except NotImplementedError:  # a meta tensor: no data
-                raise Unsupported(f"cannot map the initializer {name} to a safetensors tensor") from None
-        elif getattr(getattr(t, "raw", None), "is_meta", False):
-            raise Unsupported(f"cannot map the initializer {name} to a safetensors tensor")
+    check_materialized(graph, made, "safetensors")
     report = {"from": "safetensors", "matmulnbits": count, "source_dtypes": dict(sorted(dtypes.items())),
               "embedding": embedding}
     return packed, report
-
-
-def _save(model, path: Path) -> None:
-    import onnx_ir as ir
-
-    model.graph.sort()
-    data = path.with_name(path.name + ".data")
-    for p in (path, data):
-        if p.exists():
-            p.unlink()
-    total = sum(1 for v in model.graph.initializers.values() if v.const_value is not None)
-    with stage(f"Quantizing the weights one at a time into {data.name}"):
-        bar = Bar(total, "tensors")
-
-        def callback(tensor, info) -> None:
-            bar.total = info.total
-            bar.update(info.index + 1)
-        # small constants (shapes, axes) stay in the graph, where shape inference reads them
-        ir.save(model, str(path), external_data=data.name, size_threshold_bytes=1024, callback=callback)
-        bar.close()
-    data.chmod(0o644)
-    path.chmod(0o644)

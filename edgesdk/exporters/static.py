@@ -512,8 +512,7 @@ def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int
         r.names = ([spec["past_key"] % i for i in range(L)], [spec["past_value"] % i for i in range(L)])
     window = [0]
 
-    def recorder(g, feeds, dec_holder):
-        dec = dec_holder[0]
+    def recorder(g, feeds):  # ``dec``: the decoder of the current pass (set below, before it runs)
         records[g].host.append({k: v for k, v in feeds.items() if not k.startswith("past_key_values.")
                                 and k not in records[g].names[0] and k not in records[g].names[1]})
         records[g].at.append((window[0], dec.length))
@@ -528,9 +527,7 @@ def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int
         for g in GRAPHS:
             # the one session stands in for both graphs: only graph g runs in this pass
             session = create_session(folder / f"{g}.onnx")
-            holder = [None]
-            dec = holder[0] = StaticDecoder(folder, info, session, session,
-                                            recorder=lambda which, feeds: recorder(which, feeds, holder))
+            dec = StaticDecoder(folder, info, session, session, recorder=recorder)
             for n, w in enumerate(windows):
                 window[0] = n
                 head = w[: len(w[:prefill]) // S * S]
@@ -550,7 +547,7 @@ def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int
                         dec.forward([t])
                         tick()
                 records[g].caches[n] = ([k.copy() for k in dec.keys], [v.copy() for v in dec.values])
-            del dec, holder, session
+            dec = session = None  # this pass's session goes before the next one opens
         # a prefill record needs the slots before it only: the window's final cache has them too
         records["prefill"].caches = records["decode"].caches
     return records
