@@ -60,12 +60,15 @@ def _k_blocks(kind, n_blocks: int, rng) -> np.ndarray:
     return raw
 
 
-def write_tiny_gguf(path, tied: bool = False, seed: int = 0, arch: str = "llama", types: dict | None = None) -> None:
+def write_tiny_gguf(path, tied: bool = False, seed: int = 0, arch: str = "llama", types: dict | None = None,
+                    rope: dict | None = None, row_offset: float = 0.03) -> None:
     """A 2-layer model of GGUF architecture ``arch`` (llama; qwen2: q/k/v biases; qwen3: q/k
     norms, head size 128 as transformers assumes; gemma2: post-attention and post-FFN norms,
     stored as llama.cpp does (1 + w); gemma3: those and q/k norms; phi3: fused ``attn_qkv``
     (q|k|v rows) and ``ffn_up`` (gate|up rows)) with tensors of ``types`` (default TYPES; phi3's
-    fused tensors take the type of their attn_q / ffn_up entries)."""
+    fused tensors take the type of their attn_q / ffn_up entries). ``rope`` (phi3): LongRoPE as
+    llama.cpp's converter writes it: {"context", "original", "long", "short"; optional "dims"
+    (rope.dimension_count), "attn_factor"}. ``row_offset``: the spread of each row's mean."""
     types = types or TYPES
     rng = np.random.default_rng(seed)
     tokens = _byte_tokens() + ["ĠĠ", "<|endoftext|>"]
@@ -73,14 +76,18 @@ def write_tiny_gguf(path, tied: bool = False, seed: int = 0, arch: str = "llama"
     head_dim = HIDDEN // heads
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_name("tiny")
-    # phi3: Phi3Config's original_max_position_embeddings, else the builder takes it for LongRoPE
-    w.add_context_length(4096 if arch == "phi3" else 256)
+    # phi3: Phi-3-mini-4k's context (any context without rope factors is plain RoPE: gguf_rope)
+    w.add_context_length(rope["context"] if rope else 4096 if arch == "phi3" else 256)
+    if rope:
+        w.add_rope_scaling_orig_ctx_len(rope["original"])
+        if "attn_factor" in rope:
+            w.add_rope_scaling_attn_factors(rope["attn_factor"])
     w.add_embedding_length(HIDDEN)
     w.add_block_count(LAYERS)
     w.add_feed_forward_length(FFN)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(rope.get("dims", head_dim) if rope else head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     if arch in ("gemma2", "gemma3"):
@@ -114,7 +121,7 @@ def write_tiny_gguf(path, tied: bool = False, seed: int = 0, arch: str = "llama"
         if kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
             raw = _k_blocks(kind, n * k // 256, rng).reshape(n, -1)
         else:
-            x = (rng.standard_normal((n, k)) * 0.08 + rng.uniform(-0.03, 0.03, (n, 1))).astype(np.float32)
+            x = (rng.standard_normal((n, k)) * 0.08 + rng.uniform(-row_offset, row_offset, (n, 1))).astype(np.float32)
             raw = x.astype(np.float16) if kind == Q.F16 else x if kind == Q.F32 else gguf.quants.quantize(x, kind)
         w.add_tensor(f"{name}.weight", raw, raw_dtype=kind)
     norms = ["attn_norm", "ffn_norm"]
@@ -130,6 +137,10 @@ def write_tiny_gguf(path, tied: bool = False, seed: int = 0, arch: str = "llama"
             for norm in ("attn_q_norm", "attn_k_norm"):
                 w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(head_dim)).astype(np.float32))
     w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    if rope:
+        for kind in ("long", "short"):
+            if kind in rope:
+                w.add_tensor(f"rope_factors_{kind}.weight", np.asarray(rope[kind], np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -183,7 +194,7 @@ def test_mixed_types_stream_exactly(tiny_gguf, exact_profile, tmp_path, monkeypa
     assert got["blk.0.ffn_down.weight"] == "Q6_K -> MatMulNBits 8-bit b32, re-rounded from Q6_K"
     assert got["blk.1.attn_output.weight"] == "F32 -> MatMulNBits 4-bit b32, MLAS from F32"
     assert got["blk.1.ffn_up.weight"] == "Q5_K -> MatMulNBits 8-bit b32, offset rows"
-    assert got["output.weight"] == "Q5_1 -> MatMulNBits 8-bit b32, offset rows"
+    assert got["output.weight"] == "Q5_1 -> MatMulNBits 8-bit b32, float offsets"  # lm_head: exact offsets
     assert got["token_embd.weight"] == "Q4_1 -> GatherBlockQuantized 4-bit b32, offset rows, float offsets gathered"
     assert blocks["carried"] == {"Q4_0": 2, "Q4_1": 5, "Q4_K": 2, "Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q8_0": 1}
     assert blocks["rerounded_to_8bit"] == {"Q6_K": 1}
@@ -193,7 +204,9 @@ def test_mixed_types_stream_exactly(tiny_gguf, exact_profile, tmp_path, monkeypa
     import onnx
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    assert all("block_sums" in n.name for n in graph.node if n.op_type == "MatMul")  # no float weight left
+    # no float weight left but lm_head's float offsets (block sums times a [K / 32, N] table)
+    assert all("block_sums" in n.name or n.name == "lm_head.MatMul.residual/MatMul"
+               for n in graph.node if n.op_type == "MatMul")
     assert ops["MatMulNBits"] == 5 * LAYERS + 1 + 1  # 5 per layer, +1: layer 0's split q|k|v, +1: lm_head
 
     ids = model.tokenizer.encode("Hello, tiny world! 123 abc")
@@ -202,8 +215,8 @@ def test_mixed_types_stream_exactly(tiny_gguf, exact_profile, tmp_path, monkeypa
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     # The carried blocks are exact (test_exact_when_every_tensor_is_carried); the error here is
     # the two MLAS-quantized float matrices (4-bit RTN of random weights: 9.8% alone) and the
-    # quantized residual rows of the affine types (3.5% alone: test_affine_offsets_...);
-    # measured 13.5% in all. The builder's INT4 of the same GGUF (--requantize-gguf, the
+    # quantized residual rows of the affine types (4.5% alone: test_affine_offsets_...; lm_head's
+    # offsets are exact floats); measured 11.9% in all. The builder's INT4 of the same GGUF (--requantize-gguf, the
     # rounding this path avoids) is off by 110%.
     assert err < 0.2, err
     out_old = edgesdk.export(tiny_gguf, str(exact_profile), tmp_path / "old", quiet=True, requantize_gguf=True)
@@ -233,8 +246,39 @@ def test_affine_offsets_within_their_residual_rounding(arch, tmp_path, exact_pro
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 257, 26)]
     ref = _reference_logits(path, ids)
     err = np.abs(model.decoder.forward(ids) - ref).max() / np.abs(ref).max()
-    # measured 3.8% (llama), 1.3% (gemma2), 1.1% (phi3); llama with the residual rows dropped: 196%
+    # measured 4.5% (llama), 1.3% (gemma2), 1.3% (phi3), lm_head's offsets exact (test_affine_lm_head_is_exact);
+    # llama with the residual rows dropped: 196%
     assert err < 0.06, err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_affine_lm_head_is_exact(tied, tmp_path, exact_profile, monkeypatch):
+    """lm_head of an affine type (Q4_1 here; tied: the embedding's own tensor, as in GGUFs with no
+    output.weight) keeps its float offsets exact: a float [K / 32, N] table times the input's
+    block sums, not residual rows rounded to 4 bits (which put 0.6-6% errors straight into the
+    logits, the more the larger the blocks' offsets). Tied, the embedding's GatherBlockQuantized
+    reads lm_head's codes, scales, zero points and that table. Every other tensor is carried
+    exactly, so the logits are the GGUF's to float rounding."""
+    from edgesdk.exporters import gguf_stream
+
+    for k, v in NO_EXPORT_CACHE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(gguf_stream, "_CHUNK_ROWS", 100)
+    types = {k: (Q.Q4_0 if v in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else Q.Q8_0) for k, v in TYPES.items()}
+    types["token_embd"] = types["output"] = Q.Q4_1
+    path = tmp_path / "q4_1-head.gguf"
+    write_tiny_gguf(path, tied=tied, seed=4, types=types, row_offset=0.3)  # many blocks off zero: big offsets
+    model = edgesdk.load(edgesdk.export(path, str(exact_profile), tmp_path / "art", quiet=True))
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 257, 26)]
+    ref = _reference_logits(path, ids)
+    err = np.abs(model.decoder.forward(ids) - ref).max() / np.abs(ref).max()
+    # measured 1.1e-6 (tied), 1.7e-6 (untied); with 4-bit residual rows in lm_head: 5.7e-2, 4.4e-2
+    assert err < 1e-4, err
+    got = model.manifest["quantization"]["gguf_blocks"]["tensors"]
+    head = "token_embd.weight" if tied else "output.weight"
+    assert got[head].startswith("Q4_1 -> MatMulNBits 4-bit b32, float offsets"), got[head]
+    if tied:
+        assert "shared with lm_head, float offsets gathered" in got[head], got[head]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])

@@ -20,7 +20,7 @@ import contextlib
 import gc
 import io
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,9 +96,10 @@ class _TensorInfo:
     n_bytes: int
 
 
-def _tensor_table(path: Path) -> dict[str, _TensorInfo]:
+def _tensor_table(path: Path, wanted: frozenset[str] = frozenset(), values: dict | None = None) -> dict[str, _TensorInfo]:
     """The GGUF's tensor table. gguf.GGUFReader parses every metadata value into numpy views
-    (seconds for a 150k-token vocabulary); this skips them."""
+    (seconds for a 150k-token vocabulary); this skips them, except the scalar (number, string)
+    values of the keys in ``wanted``, which go into ``values``."""
     import mmap
     import struct
 
@@ -147,11 +148,18 @@ def _tensor_table(path: Path) -> dict[str, _TensorInfo]:
                 raise Unsupported(f"unknown GGUF metadata type {kind}")
 
         alignment = 32
+        scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
         for _ in range(n_kv):
             key = string()
             kind = u32()
             if key == b"general.alignment" and kind == 4:
                 alignment = struct.unpack_from("<I", m, pos)[0]
+            if values is not None and key.decode(errors="replace") in wanted:
+                if kind in scalar:
+                    values[key.decode()] = struct.unpack_from(scalar[kind], m, pos)[0]
+                elif kind == 8:
+                    n = struct.unpack_from("<Q", m, pos)[0]
+                    values[key.decode()] = m[pos + 8: pos + 8 + n].decode(errors="replace")
             skip(kind)
         infos = []
         for _ in range(n_tensors):
@@ -300,18 +308,21 @@ class _Plan:
     n: int
     residual: bool
     zero_points: bool
+    # lm_head: the float offsets' residuals as a float [K / block, N] table times the input's block
+    # sums (exact) instead of residual rows (rounded to ``bits`` like the rest of the MatMulNBits)
+    float_residual: bool = False
 
     @property
     def k_extra(self) -> int:
         nb = self.k // self.block
-        return -(-nb // self.block) * self.block if self.residual else 0
+        return -(-nb // self.block) * self.block if self.residual and not self.float_residual else 0
 
     @property
     def blocks_total(self) -> int:
         return (self.k + self.k_extra) // self.block
 
     def describe(self, op: str = "MatMulNBits") -> str:
-        extra = ", offset rows" if self.residual else ""
+        extra = ", float offsets" if self.float_residual else ", offset rows" if self.residual else ""
         kinds = '/'.join(sorted(set(self.kinds)))
         src = "" if self.method == "blocks" else f", re-rounded from {kinds}" if self.method == "q8" \
             else f", MLAS from {kinds}"
@@ -437,6 +448,10 @@ class _Weights:
         def pack(blocks: Blocks) -> dict[str, np.ndarray]:
             if not plan.zero_points:
                 blocks = _recentred(blocks, plan.bits)
+            if plan.float_residual:  # codes, scales, zero points over K; the residuals as floats
+                q, scale, zp, residual = integer_part(blocks, plan.bits)
+                return {"B": _pack(q, plan.bits), "scales": scale.astype(np.float32),
+                        "zp": _pack(zp.astype(np.uint8), plan.bits), "residual": residual}
             packed, _ = _to_matmulnbits(blocks, plan.bits, residual_rows=plan.residual, zero_points=plan.zero_points)
             out = {"B": packed.b, "scales": packed.scales}
             if packed.zero_points is not None:
@@ -496,6 +511,83 @@ def _hushed():
         hf_logging.set_verbosity(level)
 
 
+def gguf_rope(path: Path, arch: str, config) -> None:
+    """Put what transformers' GGUF config leaves out of a Phi-3 GGUF's RoPE into ``config``:
+    the original (pre-training) context, a partial rotary dimension (Phi-4-mini) and LongRoPE
+    (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini), which llama.cpp's converter stores as
+    ``phi3.rope.scaling.original_context_length``, ``phi3.rope.dimension_count``,
+    ``phi3.rope.scaling.attn_factor`` and the F32 tensors ``rope_factors_long/short.weight``
+    (rope dimension / 2 each; they are settings, not weights). Without factors the model is
+    plain RoPE (as llama.cpp and transformers run it), so the original context is the context
+    (else the builder takes it for LongRoPE). An inconsistent GGUF raises SourceError (one line)."""
+    if arch != "phi3":
+        return
+    import math
+
+    from gguf.quants import dequantize
+
+    from ..errors import SourceError
+
+    keys = {f"phi3.{k}" for k in ("context_length", "rope.dimension_count", "rope.scaling.original_context_length",
+                                  "rope.scaling.attn_factor")}
+    meta: dict = {}
+    try:
+        table = _tensor_table(path, frozenset(keys), meta)
+    except Unsupported as e:  # a file this reader cannot parse is not one to export either way
+        raise SourceError(f"{path.name}: {e}") from None
+    ctx = int(meta.get("phi3.context_length", config.max_position_embeddings))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope_dims = int(meta.get("phi3.rope.dimension_count", head_dim))
+    if rope_dims <= 0 or rope_dims % 2 or rope_dims > head_dim:
+        raise SourceError(f"{path.name}: phi3.rope.dimension_count is {rope_dims}; it must be even and at most "
+                          f"the head size {head_dim} (corrupt GGUF?)")
+    rp = dict(getattr(config, "rope_parameters", None) or {})
+    partial = rope_dims / head_dim
+    if partial != 1.0:
+        rp["partial_rotary_factor"] = partial
+        config.partial_rotary_factor = partial
+    found = {k: table.get(f"rope_factors_{k}.weight") for k in ("long", "short")}
+    if (found["long"] is None) != (found["short"] is None):
+        missing = "long" if found["long"] is None else "short"
+        raise SourceError(f"{path.name} has rope_factors_{'short' if missing == 'long' else 'long'}.weight but no "
+                          f"rope_factors_{missing}.weight; LongRoPE needs both (corrupt GGUF?)")
+    orig = int(meta.get("phi3.rope.scaling.original_context_length", ctx))
+    factors: dict[str, list[float]] = {}
+    for k, t in found.items():
+        if t is None:
+            continue
+        if len(t.shape) != 1 or int(t.shape[0]) != rope_dims // 2:
+            raise SourceError(f"{path.name}: rope_factors_{k}.weight has shape {list(t.shape)}, not [{rope_dims // 2}] "
+                              f"(half the rope dimension {rope_dims}); corrupt or mismatched GGUF")
+        a = np.asarray(dequantize(read_raw(path, t), t.tensor_type), np.float64).reshape(-1)
+        if not np.all(np.isfinite(a)) or np.any(a <= 0):
+            raise SourceError(f"{path.name}: rope_factors_{k}.weight holds values that are not positive finite numbers")
+        factors[k] = [float(x) for x in a]
+    if not factors or (orig == ctx and all(x == 1.0 for x in factors["short"])):
+        # plain RoPE (short factors of 1 within the original context change nothing)
+        config.original_max_position_embeddings = ctx
+        if rp:
+            config.rope_parameters = rp
+        return
+    if not 0 < orig < ctx:
+        raise SourceError(f"{path.name}: LongRoPE factors with an original context of {orig} for a context of {ctx}; "
+                          "the original context must be smaller (corrupt GGUF?)")
+    rp.update(rope_type="longrope", type="longrope", long_factor=factors["long"], short_factor=factors["short"],
+              original_max_position_embeddings=orig)
+    rp.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    attn = meta.get("phi3.rope.scaling.attn_factor")
+    if attn is not None:
+        attn = float(attn)
+        default = math.sqrt(1 + math.log(ctx / orig) / math.log(orig))
+        if not (attn > 0 and math.isfinite(attn)):
+            raise SourceError(f"{path.name}: phi3.rope.scaling.attn_factor is {attn}")
+        rp["attention_factor"] = attn  # transformers' cos/sin scale
+        if abs(attn - default) > 1e-6 * default:  # the builder computes the default unless told
+            rp["short_mscale"] = rp["long_mscale"] = attn
+    config.rope_parameters = rp
+    config.original_max_position_embeddings = orig
+
+
 def _hf_folder(src, out: Path):
     """config.json, tokenizer and generation config from the GGUF's metadata (no weights)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -510,6 +602,7 @@ def _hf_folder(src, out: Path):
     except Exception as e:
         raise SourceError(f"transformers cannot read {src.path}: {str(e).splitlines()[0][:200]}") from None
     config.architectures = [src.architecture]
+    gguf_rope(src.path, src.model_type, config)
     with _hushed():
         config.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -686,9 +779,23 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
         return ins
 
     def to_matmulnbits(n, x, plan: _Plan, base: str) -> None:
-        """Turn node ``n`` (a MatMul, or a fresh node) into the MatMulNBits of ``plan``."""
+        """Turn node ``n`` (a MatMul, or a fresh node) into the MatMulNBits of ``plan`` (with float
+        residuals: into the Add of that MatMulNBits and block sums of x times the residual table,
+        ``{base}.residual`` [K / block, N])."""
+        out = n
+        if plan.float_residual:
+            nb = plan.k // plan.block
+            n = node("MatMul", [x, out.inputs[1]], f"{out.name}/MatMulNBits")
+            tag = f"{base}.block_sums"
+            table = const(f"{base}.residual", lambda: weights.get(plan, "residual").T, ir.DataType.FLOAT, (nb, plan.n))
+            r = node("Reshape", [x, const(f"{tag}.shape", np.array([0, 0, nb, plan.block], np.int64))], f"{tag}/Reshape")
+            sums = node("ReduceSum", [r.outputs[0], const(f"{tag}.axes", np.array([-1], np.int64))], f"{tag}/ReduceSum",
+                        keepdims=0)
+            offsets = node("MatMul", [sums.outputs[0], table], f"{base}.residual/MatMul")
+            graph.insert_before(out, [n, r, sums, offsets])
+            report.corrected += 1
         ins = matmul_inputs(plan, base)
-        if plan.residual:
+        if plan.k_extra:
             x = augmented(x, base, plan, n)
             report.corrected += 1
         n.op_type, n.domain = "MatMulNBits", "com.microsoft"
@@ -702,6 +809,12 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
             n.attributes[a] = ir.AttrInt64(a, val)
         for t, kind in zip(plan.parts, plan.kinds):
             report.add(t.name, kind, plan.describe(), plan.method)
+        if out is not n:  # the original node: the sum
+            out.op_type, out.domain = "Add", ""
+            out.resize_inputs(2)
+            out.replace_input_with(0, n.outputs[0])
+            out.replace_input_with(1, offsets.outputs[0])
+            out.attributes.clear()
 
     lm_plan: _Plan | None = None
     lm_base = None
@@ -716,6 +829,9 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
         parts = gg.merged([gg.tensor(f"{m}.weight") for m in modules])
         k, n_total = (int(d) for d in n.inputs[1].const_value.shape)
         plans = _plan(parts, settings["symmetric"], settings["block_size"])
+        if wname == "lm_head.MatMul.weight" and len(plans) == 1 and plans[0].residual:
+            # the logits take lm_head's rounding errors as they are: its offsets stay exact floats
+            plans[0].float_residual = True
         if any(p.k != k for p in plans) or sum(p.n for p in plans) != n_total:
             raise Unsupported(f"the GGUF tensors of {wname} do not have its shape [{k}, {n_total}]")
         old = n.inputs[1]
@@ -752,14 +868,16 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
 def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, settings, report: Report,
                const, node) -> None:
     """The embedding Gather -> GatherBlockQuantized over the GGUF's own blocks (sharing lm_head's
-    bytes when lm_head is the same GGUF tensor without residual rows)."""
+    codes, scales, zero points and float residual table when lm_head is the same GGUF tensor
+    without residual rows)."""
     import onnx_ir as ir
 
     t = gg.tensor("model.embed_tokens.weight")
     (plan,) = _plan([t], settings["symmetric"], settings["block_size"])
     ids = gather.inputs[1]
     nb = plan.k // plan.block
-    if lm_plan is not None and lm_plan.parts == [t] and not lm_plan.residual:
+    shared = lm_plan is not None and lm_plan.parts == [t] and not lm_plan.k_extra
+    if shared:
         base = lm_base
         flat = const(f"{base}.weight_Q{lm_plan.bits}.shape", np.array([plan.n, nb * plan.block * plan.bits // 8], np.int64))
         reshape = node("Reshape", [graph.initializers[f"{base}.weight_Q{lm_plan.bits}"], flat], "/model/embed_tokens/Reshape")
@@ -767,7 +885,7 @@ def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, se
         if lm_plan.zero_points:
             ins.append(graph.initializers[f"{base}.weight_zp"])
         graph.insert_before(gather, [reshape])
-        how = plan.describe("GatherBlockQuantized") + ", shared with lm_head"
+        how = replace(plan, residual=False).describe("GatherBlockQuantized") + ", shared with lm_head"
     else:
         base = "model.embed_tokens"
         ins = [const(f"{base}.weight_Q{plan.bits}", lambda: weights.get(plan, "B", True), ir.DataType.UINT8,
@@ -782,12 +900,18 @@ def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, se
     old = gather.inputs[0]
     if plan.residual:  # gathered per-block float offsets added to the gathered codes
         gbq = node("GatherBlockQuantized", ins, "/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft", **attrs)
-        table = const("model.embed_tokens.residual", lambda: weights.get(plan, "residual", True), ir.DataType.FLOAT,
-                      (plan.n, nb))
-        r = node("Gather", [table, ids], "/model/embed_tokens/residual/Gather")
+        if shared:  # lm_head's [nb, N] table: columns gathered, [nb, batch, seq] -> [batch, seq, nb]
+            g = node("Gather", [graph.initializers[f"{lm_base}.residual"], ids], "/model/embed_tokens/residual/Gather",
+                     axis=1)
+            r = node("Transpose", [g.outputs[0]], "/model/embed_tokens/residual/Transpose", perm=[1, 2, 0])
+            graph.insert_before(gather, [g])
+        else:
+            table = const("model.embed_tokens.residual", lambda: weights.get(plan, "residual", True),
+                          ir.DataType.FLOAT, (plan.n, nb))
+            r = node("Gather", [table, ids], "/model/embed_tokens/residual/Gather")
         blocks = const("/model/embed_tokens/blocks_shape", np.array([0, 0, nb, plan.block], np.int64))
         one = const("/model/embed_tokens/residual_shape", np.array([0, 0, nb, 1], np.int64))
-        y = node("Reshape", [gbq.outputs[0], blocks], "/model/embed_tokens/Reshape")
+        y = node("Reshape", [gbq.outputs[0], blocks], "/model/embed_tokens/blocks/Reshape")
         rr = node("Reshape", [r.outputs[0], one], "/model/embed_tokens/residual/Reshape")
         add = node("Add", [y.outputs[0], rr.outputs[0]], "/model/embed_tokens/residual/Add")
         graph.insert_before(gather, [gbq, r, y, rr, add])
@@ -806,7 +930,6 @@ def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, se
             gather.attributes[a] = ir.AttrInt64(a, val)
         gather.name = "/model/embed_tokens/GatherBlockQuantized"
     graph.initializers.pop(old.name)
-    shared = "shared with lm_head" in how
     if shared:  # the tensor was counted with lm_head; record what it also is
         report.tensors[t.name] += f"; {how}"
         per = report.representations[plan.kinds[0]]

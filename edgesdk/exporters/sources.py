@@ -211,6 +211,9 @@ def prepare(src: Source, workdir: Path) -> Path:
                 loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         except Exception as e:
             raise SourceError(f"transformers cannot read {src.path}: {str(e).splitlines()[0][:200]}") from None
+    from .gguf_stream import gguf_rope
+
+    gguf_rope(src.path, src.model_type, config)  # LongRoPE and partial rotary, which transformers leaves out
     with stage("Writing a temporary Hugging Face folder"), library_output():
         config.architectures = [src.architecture]
         # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from the config.
