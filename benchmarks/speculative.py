@@ -17,7 +17,17 @@ and -- on a copy task -- prompt-lookup decoding, all greedy, 128 new tokens, 2 t
 checks the speculative output against the plain one token for token; where they differ it
 reports the top-2 logit margin of the plain path at the first divergence (a near-tie means
 the two kernels' rounding picked different winners). onnxruntime-genai runs the same artifacts
-as the peer (plain, and its draft mode if it accepts the pair). Prints a table and JSON.
+as the peer (plain, and its draft mode if it accepts the pair). With --llama-speculative,
+llama.cpp's own draft-model speculation runs on the same GGUF pair and the same chat-templated
+prompt (llama-speculative, greedy, its default draft length), and with --llama-bench llama.cpp's
+plain decode at the same depth, so both engines' speculative gains are in one table. Build both
+from the llama.cpp vendored in the llama-cpp-python sdist (see benchmarks/decode.py), with
+`--target llama-bench llama-speculative`.
+
+Speed-ups are reported two ways: decode (tokens after the first over the time after it) and end
+to end (the whole request, prefill included: what a user waits for). --prompts-file FILE (one
+prompt per line) runs prompts the benchmark has never seen instead of its own list.
+Prints a table and JSON.
 """
 from __future__ import annotations
 
@@ -230,6 +240,46 @@ def run_genai(og, model, prompt_ids: list[int], n: int) -> dict:
     return res
 
 
+def run_llama_speculative(exe: str, target: Path, draft: Path, prompt_text: str, n: int, threads: int,
+                          context: int, draft_max: int | None) -> dict:
+    """llama-speculative on the same GGUF pair, greedy; its own report of the decode speed."""
+    import re
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+        f.write(prompt_text)
+    cmd = [exe, "-m", str(target), "-md", str(draft), "-f", f.name, "-n", str(n), "-t", str(threads),
+           "-td", str(threads), "--temp", "0", "-c", str(context), "--seed", "1", "--no-warmup"]
+    if draft_max is not None:
+        cmd += ["--spec-draft-n-max", str(draft_max)]
+    try:
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        wall = time.perf_counter() - t0
+    finally:
+        os.unlink(f.name)
+    log = out.stdout + out.stderr
+    dec = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
+    enc = re.search(r"encoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+    if out.returncode or not dec:
+        raise SystemExit(f"llama-speculative failed (exit {out.returncode}): {log[-1500:]}")
+    num = lambda key: int(re.search(rf"{key}\s*=\s*(\d+)", log).group(1))  # noqa: E731
+    drafted, accepted = num("n_drafted"), num("n_accept")
+    return {"decode_tps": float(dec.group(3)), "generated": int(dec.group(1)), "decode_s": float(dec.group(2)),
+            "prompt_s": float(enc.group(2)) if enc else None, "process_wall_s": round(wall, 2),
+            "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0}
+
+
+def run_llama_plain(exe: str, target: Path, depth: int, n: int, threads: int) -> float:
+    """llama.cpp's plain decode tok/s of ``n`` tokens after ``depth`` cached ones (llama-bench)."""
+    out = subprocess.run([exe, "-m", str(target), "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(depth),
+                          "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise SystemExit(f"llama-bench failed (exit {out.returncode}): {out.stderr[-1500:]}")
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
 def load_average() -> float:
     try:
         return os.getloadavg()[0]
@@ -251,6 +301,14 @@ def main() -> int:
                     help="also time a draft whose lm_head keeps this many tokens (0: skip; default 32768)")
     ap.add_argument("--requantize-gguf", action="store_true",
                     help="use the builder's RTN re-quantization of the GGUFs instead of their own blocks")
+    ap.add_argument("--prompts-file", default=None,
+                    help="one prompt per line: run these (e.g. prompts never tuned on) instead of the built-in list")
+    ap.add_argument("--llama-speculative", default=os.environ.get("LLAMA_SPECULATIVE"),
+                    help="llama.cpp's llama-speculative binary: its speculation on the same GGUF pair as a peer")
+    ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"),
+                    help="llama-bench: llama.cpp's plain decode at each prompt's depth (its own speed-up)")
+    ap.add_argument("--llama-draft-max", type=int, default=None,
+                    help="llama-speculative's --spec-draft-n-max (default: llama.cpp's own default)")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     a = ap.parse_args()
@@ -294,9 +352,14 @@ def main() -> int:
     if og_spec is not None:
         run_genai(og, og_spec, plain.encode_prompt(messages=warm), 8)
 
+    prompts = PROMPTS
+    if a.prompts_file:
+        prompts = [line.strip() for line in Path(a.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = prompts[: a.prompts]
+    ggufs = (fetch_gguf("target"), fetch_gguf("draft")) if (a.llama_speculative or a.llama_bench) else None
     rows = []
     loads = [load_average()]
-    for i, text in enumerate(PROMPTS[: a.prompts]):
+    for i, text in enumerate(prompts):
         messages = [{"role": "user", "content": text}]
         ids = plain.encode_prompt(messages=messages)
         row = {"prompt": text, "prompt_tokens": len(ids)}
@@ -319,6 +382,12 @@ def main() -> int:
             row["genai_plain"] = run_genai(og, og_plain, ids, n)
         if og_spec is not None:
             row["genai_speculative"] = run_genai(og, og_spec, ids, n)
+        if a.llama_speculative:
+            text_prompt = plain.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            row["llama_speculative"] = run_llama_speculative(
+                a.llama_speculative, ggufs[0], ggufs[1], text_prompt, n, a.threads, len(ids) + n + 64, a.llama_draft_max)
+        if a.llama_bench:
+            row["llama_plain_tps"] = run_llama_plain(a.llama_bench, ggufs[0], len(ids), n, a.threads)
         row["check"] = compare(row["plain"]["tokens"], row["speculative"]["tokens"], plain, ids)
         if spec_v is not None:
             row["check_vocab"] = compare(row["plain"]["tokens"], row["speculative_vocab"]["tokens"], plain, ids)
@@ -327,7 +396,7 @@ def main() -> int:
         loads.append(load_average())
         rows.append(row)
         s = row["speculative"]
-        print(f"[{i + 1}/{a.prompts}] plain {row['plain']['decode_tps']:.1f} tok/s, speculative "
+        print(f"[{i + 1}/{len(prompts)}] plain {row['plain']['decode_tps']:.1f} tok/s, speculative "
               f"{s['decode_tps']:.1f} tok/s ({s['decode_tps'] / row['plain']['decode_tps']:.2f}x), acceptance "
               f"{s['speculative']['acceptance_rate']:.2f}, {s['speculative']['tokens_per_target_call']:.2f} tok/call, "
               f"{'identical' if row['check']['identical'] else 'diverges'}"
@@ -395,6 +464,10 @@ def summarize(rows, copy, a, loads, peer_error) -> dict:
              "plain_spinning_tps": round(r["plain_spinning"]["decode_tps"], 2),
              "plain_no_spinning_tps": round(r["plain_no_spinning"]["decode_tps"], 2),
              "speedup": round(s["decode_tps"] / p["decode_tps"], 3),
+             # end to end: the whole request, prefill included (plain's time / speculative's time
+             # for the same number of tokens)
+             "e2e_speedup": round(p["total_s"] / p["generated"] / (s["total_s"] / s["generated"]), 3),
+             "plain_ttft_s": round(p["ttft_s"], 3), "speculative_ttft_s": round(s["ttft_s"], 3),
              "acceptance_rate": round(s["speculative"]["acceptance_rate"], 3),
              "tokens_per_target_call": round(s["speculative"]["tokens_per_target_call"], 2),
              "proposed": s["speculative"]["proposed"], "accepted": s["speculative"]["accepted"],
@@ -405,6 +478,15 @@ def summarize(rows, copy, a, loads, peer_error) -> dict:
                       "vocab_acceptance_rate": round(v["speculative"]["acceptance_rate"], 3),
                       "vocab_tokens_per_target_call": round(v["speculative"]["tokens_per_target_call"], 2),
                       "vocab_check": r["check_vocab"]})
+        if "llama_speculative" in r:
+            ls = r["llama_speculative"]
+            e.update({"llama_speculative_tps": round(ls["decode_tps"], 2),
+                      "llama_acceptance_rate": round(ls["acceptance_rate"], 3),
+                      "speculative_vs_llama_speculative": round(s["decode_tps"] / ls["decode_tps"], 3)})
+        if "llama_plain_tps" in r:
+            e["llama_plain_tps"] = round(r["llama_plain_tps"], 2)
+            if "llama_speculative" in r:
+                e["llama_speedup"] = round(r["llama_speculative"]["decode_tps"] / r["llama_plain_tps"], 3)
         if "genai_plain" in r:
             e["genai_plain_tps"] = round(r["genai_plain"]["decode_tps"], 2)
         if "genai_speculative" in r:
@@ -419,6 +501,21 @@ def summarize(rows, copy, a, loads, peer_error) -> dict:
         overall["restricted_draft"] = {
             "draft_vocab": a.draft_vocab, "vocab_text": "Python stdlib sources (8 MB)",
             **_speculative_overall(rows, per, "speculative_vocab", "vocab_speedup", "vocab_check", overall["plain_tps"])}
+    if per:
+        e2e = [e["e2e_speedup"] for e in per]
+        overall["e2e_speedup_geomean"] = round(float(np.exp(np.mean(np.log(e2e)))), 3)
+        overall["e2e_min_prompt_speedup"] = min(e2e)
+    if per and "llama_speculative_tps" in per[0]:
+        toks = sum(r["llama_speculative"]["generated"] for r in rows)
+        secs = sum(r["llama_speculative"]["decode_s"] for r in rows)
+        overall["llama_speculative_tps"] = round(toks / secs, 2)
+        overall["speculative_vs_llama_speculative"] = round(overall["speculative_tps"] / overall["llama_speculative_tps"], 3)
+        overall["llama_acceptance_rate"] = round(sum(r["llama_speculative"]["accepted"] for r in rows)
+                                                 / max(1, sum(r["llama_speculative"]["drafted"] for r in rows)), 3)
+    if per and "llama_plain_tps" in per[0]:
+        overall["llama_plain_tps_median"] = round(float(np.median([e["llama_plain_tps"] for e in per])), 2)
+        if "llama_speculative_tps" in overall:
+            overall["llama_speedup_median"] = round(float(np.median([e["llama_speedup"] for e in per])), 3)
     if rows and "genai_plain" in rows[0]:
         overall["genai_plain_tps"] = round(_tps(rows, "genai_plain"), 2)
         overall["plain_vs_genai_plain"] = round(overall["plain_tps"] / overall["genai_plain_tps"], 3)
@@ -515,6 +612,14 @@ def print_table(r: dict) -> None:
     if peer_spec:
         print(f"onnxruntime-genai speculative {o['genai_speculative_tps']} tok/s = {o['genai_speculative_vs_genai_plain']}x "
               f"its plain; edgesdk speculative / genai speculative = {o['speculative_vs_genai_speculative']}x")
+    if "e2e_speedup_geomean" in o:
+        print(f"end to end (prefill included): speculative / plain = {o['e2e_speedup_geomean']}x (geometric mean), "
+              f"worst prompt {o['e2e_min_prompt_speedup']}x")
+    if "llama_speculative_tps" in o:
+        print(f"llama.cpp speculative {o['llama_speculative_tps']} tok/s (acceptance {o['llama_acceptance_rate']}); "
+              f"edgesdk speculative / llama.cpp speculative = {o['speculative_vs_llama_speculative']}x"
+              + (f"; llama.cpp plain {o['llama_plain_tps_median']} tok/s (median), its speculative speed-up "
+                 f"{o['llama_speedup_median']}x (median)" if "llama_speedup_median" in o else ""))
     if "peer_error" in r:
         print("peer:", r["peer_error"])
     c = r.get("prompt_lookup_copy_task")

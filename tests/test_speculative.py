@@ -466,6 +466,43 @@ def test_adaptive_k_backs_off_and_grows():
     assert ak.choose(8) > 0
 
 
+
+def test_first_token_does_not_wait_for_the_draft(target_path, plain):
+    """The draft reads the prompt at its first proposal, after the first token is out (TTFT is
+    the target's own); the output is still plain greedy decoding's."""
+    model = edgesdk.load(target_path, draft=target_path)
+    model.draft.reset()
+    with model.stream(PROMPT, max_new_tokens=40) as s:
+        first = next(iter(s))
+        assert first.token_ids and model.draft.decoder.length == 0
+        rest = [t for c in s for t in c.token_ids]
+    assert first.token_ids + rest == greedy(plain).token_ids
+    assert model.draft.decoder.length > 0  # it did speculate afterwards
+
+
+def test_adaptive_k_speculates_only_when_the_draft_prefill_is_repaid():
+    """A draft that has not read the prompt yet costs its prefill first: speculation starts only
+    when the tokens left save more time than that (at the best k's rate), and never otherwise."""
+    ak = spec.AdaptiveK(k_max=8, prior=0.7, draft_cost=0.35)
+    for m in (1, 4):
+        ak.target_call(m, 0.030 + 0.004 * (m - 1))
+    ak.draft_call(0.005)
+    for _ in range(30):
+        ak.verified(4, 4)  # a draft that agrees: high acceptance
+    k = ak.choose(8)
+    assert k >= 5
+    t1, slope, draft = ak.costs()
+    a = min(ak.alpha, 0.999)
+    rate = (1 - a ** (k + 1)) / (1 - a) / (k * draft + t1 + slope * k)
+    saved_per_token = t1 - 1 / rate
+    ak.setup_s = 1.0  # one second of draft prefill to repay
+    need = 1.0 * ak.margin / saved_per_token
+    assert ak.choose(8, remaining=int(need) + 1) == k
+    assert ak.choose(8, remaining=int(need) - 1) == 0
+    assert ak.choose(8, remaining=None) == k  # no known end: the setup is always repaid
+    ak.setup_s = 0.0
+    assert ak.choose(8, remaining=2) > 0
+
 # -- bundles and CLI ------------------------------------------------------------------------------
 def test_export_bundle_and_cli(tiny, tmp_path):
     from conftest import run_cli

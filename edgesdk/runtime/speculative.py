@@ -78,6 +78,9 @@ class AdaptiveK:
         self.margin = margin  # a k > 0 must beat a plain step by this factor
         self.draft_ratio = draft_cost  # prior draft-call cost / t1 (None: free, e.g. prompt lookup)
         self.slope_ratio = slope  # prior verify slope / t1
+        # seconds the first speculative round must first spend before drafting (a draft model's
+        # prefill of the prompt); speculation starts only when the tokens left can repay it
+        self.setup_s = 0.0
         self.draft_s: float | None = None if draft_cost is not None else 0.0
         self._t: dict[int, list[float]] = {}  # m -> [EMA seconds, observations]
 
@@ -125,16 +128,15 @@ class AdaptiveK:
         draft = self.draft_s if self.draft_s is not None else self.draft_ratio * t1
         return t1, slope, draft
 
-    def choose(self, limit: int) -> int:
+    def choose(self, limit: int, remaining: int | None = None) -> int:
+        """k for the next round; ``remaining``: the tokens still to generate (None: unbounded),
+        which must repay any setup cost (see setup_s) before a k > 0 is worth it."""
         limit = min(limit, self.k_max)
         if limit <= 0:
             return 0
         if 1 not in self._t:
             return 0  # measure a plain step first, then a verify: two points for the cost line
-        c = self.costs()
-        if len(self._t) == 1:
-            return min(3, limit)
-        t1, slope, draft = c
+        t1, slope, draft = self.costs()
         a = min(self.alpha, 0.999)
         best_k, best = 0, self.margin / t1
         for k in range(1, limit + 1):
@@ -142,6 +144,12 @@ class AdaptiveK:
             rate = tokens / (k * draft + t1 + slope * k)
             if rate > best:
                 best_k, best = k, rate
+        if self.setup_s and remaining is not None:
+            # the time speculation saves over the tokens left, at the best rate, against the setup
+            if not best_k or remaining * (t1 - 1.0 / best) < self.setup_s * self.margin:
+                return 0
+        if len(self._t) == 1:
+            return min(3, limit)  # a first verify: the cost line's second point
         return best_k
 
 
@@ -162,12 +170,15 @@ class DraftModel:
         self.enabled = True
 
     def prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Only checks that the prompt fits: the draft reads the context it lacks (the prompt,
+        tokens decoded without it) at its first proposal, so a request that never speculates
+        never pays for the draft's prefill, and the first token does not wait for it."""
         if len(prompt_ids) >= self.dec.max_length:
             self.enabled = False  # the prompt does not fit the draft: plain decoding
-            return
-        pending = prompt_ids[self.dec.length:]
-        if pending:
-            self.dec.forward(pending, keep=1)
+
+    def backlog(self, context_len: int) -> int:
+        """Positions the draft must read before it can propose."""
+        return max(0, context_len - 1 - self.dec.length)
 
     def room(self, context_len: int) -> int:
         # proposing k tokens leaves context + k - 1 positions in the draft cache
@@ -220,6 +231,9 @@ class PromptLookup:
 
     def prefill(self, prompt_ids: Sequence[int]) -> None:
         pass
+
+    def backlog(self, context_len: int) -> int:
+        return 0
 
     def room(self, context_len: int) -> int:
         return 1 << 30
@@ -288,7 +302,9 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
         return q.sample(rng), q
 
     context = list(prompt_ids)
+    t0 = time.perf_counter()
     logits = target.forward(pending, keep=1)[-1]
+    prefill_s = time.perf_counter() - t0
     proposer.prefill(context)
     tok = target_pick(logits, context)
     context.append(tok)
@@ -299,7 +315,11 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
         # the target's cache holds context[:-1]; a verify of k drafts writes k + 1 positions
         limit = min(budget - generated - 1, target.max_length - len(context), proposer.room(len(context)))
         if num_draft_tokens is None:
-            k = policy.choose(limit)
+            # what the draft has not read yet costs about its share of the target's prefill time
+            backlog = proposer.backlog(len(context))
+            policy.setup_s = 0.0 if backlog < 16 or not len(pending) else \
+                (policy.draft_ratio or 0.0) * prefill_s * backlog / len(pending)
+            k = policy.choose(limit, budget - generated)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("speculative: k=%d alpha=%.2f costs=%s", k, policy.alpha, policy.costs())
         else:
