@@ -10,6 +10,17 @@ import edgesdk
 from conftest import NO_EXPORT_CACHE, ROOT, run_cli
 
 
+def test_piped_export_prints_staged_lines_only(tiny, tmp_path):
+    """A piped export through the builder (fp32 here) prints its stages, not the builder's or
+    tqdm's progress redraws."""
+    out = tmp_path / "llama-fp32"
+    p = run_cli("export", str(tiny.model("llama")), "--precision", "fp32", "-o", str(out), env=NO_EXPORT_CACHE)
+    assert p.returncode == 0, p.stderr
+    assert "==> Building the fp32 graph" in p.stderr and "==> Wrote" in p.stderr
+    assert "\r" not in p.stderr and "it/s" not in p.stderr and "Saving" not in p.stderr, p.stderr
+    assert all(line.startswith(("==>", "    ")) for line in p.stderr.strip().splitlines()), p.stderr
+
+
 def test_export_info_run(tiny, tmp_path):
     out = tmp_path / "qwen-int4"
     p = run_cli("export", str(tiny.model("qwen2")), "--target", "cpu", "-o", str(out), env=NO_EXPORT_CACHE)

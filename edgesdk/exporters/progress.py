@@ -65,6 +65,12 @@ def library_output(layers: int = 0, label: str = ""):
     if _quiet:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
             yield
+    elif layers and not sys.stderr.isatty():
+        # piped: the stage's own lines only, no bar redraws and none of the libraries' progress
+        # text (the builder's per-layer lines, tqdm bars), which would fill a log with redraws
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
     elif layers:
         bar = _LayerBar(layers, label)
         with contextlib.redirect_stdout(bar):
