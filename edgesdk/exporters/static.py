@@ -724,13 +724,6 @@ def _block_size(k: int) -> int | None:
     return None
 
 
-def _pack_int4(q: np.ndarray) -> bytes:
-    flat = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
-
-
 def block_weights(model, floats: dict[str, Any], float_base: Path) -> list[int]:
     """A16W4: every 4-bit per-channel weight DequantizeLinear of a Gemm (W^T [out, in], axis 0)
     becomes block-wise: the same int4 [out, in] tensor, requantized from the FP32 weight (``floats``:
@@ -748,6 +741,7 @@ def block_weights(model, floats: dict[str, Any], float_base: Path) -> list[int]:
     groups the weight DequantizeLinear into the Gemm's node unit, which then fails ("Failed to get
     initializer value": its scale is not an initializer) and the graph splits.
     """
+    import ml_dtypes  # onnx's own dependency: numpy_helper packs its int4 arrays
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -774,10 +768,9 @@ def block_weights(model, floats: dict[str, Any], float_base: Path) -> list[int]:
         s = np.maximum(np.abs(w).max(-1), 1e-8).astype(np.float32) / 7
         qw = np.clip(np.rint(w / s[..., None]), -8, 7).astype(np.int8)
         del w
-        q.CopyFrom(helper.make_tensor(q.name, TensorProto.INT4, [out, k], _pack_int4(qw), raw=True))
+        q.CopyFrom(numpy_helper.from_array(qw.reshape(out, k).astype(ml_dtypes.int4), q.name))
         scale.CopyFrom(numpy_helper.from_array(s, scale.name))
-        zero = helper.make_tensor(name + "_block_zero_point", TensorProto.INT4, [out, k // block],
-                                  _pack_int4(np.zeros((out, k // block), np.int8)), raw=True)
+        zero = numpy_helper.from_array(np.zeros((out, k // block), ml_dtypes.int4), name + "_block_zero_point")
         g.initializer.append(zero)
         del n.input[2:]
         n.input.append(zero.name)
