@@ -495,12 +495,11 @@ def test_adaptive_k_speculates_only_when_the_draft_prefill_is_repaid():
     a = min(ak.alpha, 0.999)
     rate = (1 - a ** (k + 1)) / (1 - a) / (k * draft + t1 + slope * k)
     saved_per_token = t1 - 1 / rate
-    ak.setup_s = 1.0  # one second of draft prefill to repay
-    need = 1.0 * ak.margin / saved_per_token
-    assert ak.choose(8, remaining=int(need) + 1) == k
-    assert ak.choose(8, remaining=int(need) - 1) == 0
-    assert ak.choose(8, remaining=None) == k  # no known end: the setup is always repaid
-    ak.setup_s = 0.0
+    setup = 1.0  # one second of draft prefill to repay
+    need = setup * ak.margin / saved_per_token
+    assert ak.choose(8, remaining=int(need) + 1, setup_s=setup) == k
+    assert ak.choose(8, remaining=int(need) - 1, setup_s=setup) == 0
+    assert ak.choose(8, remaining=None, setup_s=setup) == k  # no known end: the setup is always repaid
     assert ak.choose(8, remaining=2) > 0
 
 # -- bundles and CLI ------------------------------------------------------------------------------

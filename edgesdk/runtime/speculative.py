@@ -78,9 +78,6 @@ class AdaptiveK:
         self.margin = margin  # a k > 0 must beat a plain step by this factor
         self.draft_ratio = draft_cost  # prior draft-call cost / t1 (None: free, e.g. prompt lookup)
         self.slope_ratio = slope  # prior verify slope / t1
-        # seconds the first speculative round must first spend before drafting (a draft model's
-        # prefill of the prompt); speculation starts only when the tokens left can repay it
-        self.setup_s = 0.0
         self.draft_s: float | None = None if draft_cost is not None else 0.0
         self._t: dict[int, list[float]] = {}  # m -> [EMA seconds, observations]
 
@@ -128,9 +125,10 @@ class AdaptiveK:
         draft = self.draft_s if self.draft_s is not None else self.draft_ratio * t1
         return t1, slope, draft
 
-    def choose(self, limit: int, remaining: int | None = None) -> int:
-        """k for the next round; ``remaining``: the tokens still to generate (None: unbounded),
-        which must repay any setup cost (see setup_s) before a k > 0 is worth it."""
+    def choose(self, limit: int, remaining: int | None = None, setup_s: float = 0.0) -> int:
+        """k for the next round. ``setup_s``: seconds speculation must spend before its first draft
+        (a draft model's prefill of what it has not read); a k > 0 is chosen only when the
+        ``remaining`` tokens (None: unbounded) save more than that at the best k's rate."""
         limit = min(limit, self.k_max)
         if limit <= 0:
             return 0
@@ -144,9 +142,9 @@ class AdaptiveK:
             rate = tokens / (k * draft + t1 + slope * k)
             if rate > best:
                 best_k, best = k, rate
-        if self.setup_s and remaining is not None:
+        if setup_s and remaining is not None:
             # the time speculation saves over the tokens left, at the best rate, against the setup
-            if not best_k or remaining * (t1 - 1.0 / best) < self.setup_s * self.margin:
+            if not best_k or remaining * (t1 - 1.0 / best) < setup_s * self.margin:
                 return 0
         if len(self._t) == 1:
             return min(3, limit)  # a first verify: the cost line's second point
@@ -317,9 +315,9 @@ def speculative_tokens(target: Decoder, proposer, prompt_ids: Sequence[int], pen
         if num_draft_tokens is None:
             # what the draft has not read yet costs about its share of the target's prefill time
             backlog = proposer.backlog(len(context))
-            policy.setup_s = 0.0 if backlog < 16 or not len(pending) else \
+            setup = 0.0 if backlog < 16 or not len(pending) else \
                 (policy.draft_ratio or 0.0) * prefill_s * backlog / len(pending)
-            k = policy.choose(limit, budget - generated)
+            k = policy.choose(limit, budget - generated, setup)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("speculative: k=%d alpha=%.2f costs=%s", k, policy.alpha, policy.costs())
         else:
