@@ -126,10 +126,12 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
             ep = profile.export.get("execution_provider", "cpu")
             streamed = _stream_gguf(src, recipe, precision, requantize_gguf, profile, tmp, work, ep)
             hf_streamed = None if streamed else _stream_hf(src, recipe, precision, profile, tmp, work, ep)
-            hf_dir = streamed[0] if streamed else sources.prepare(src, work)
+            float_graph = _stream_float(src, recipe, work) if not streamed else None
+            hf_dir = streamed[0] if streamed else float_graph or sources.prepare(src, work)
             static_info = None
             if recipe == "static":
-                static_info = static.export(hf_dir, tmp, work, profile, precision, asked_context, chunk, calibration)
+                static_info = static.export(hf_dir, tmp, work, profile, precision, asked_context, chunk, calibration,
+                                            built=float_graph is not None)
                 if ep_context:
                     static_info["ep_context"] = static.compile_ep_context(tmp, static_info, profile)
             elif not streamed and not hf_streamed:
@@ -227,6 +229,27 @@ def _stream_gguf(src: sources.Source, recipe: str, precision: str, requantize_gg
         return gguf_stream.export(src, folder, work, ep, builder.builder_options(precision, profile.export))
     except gguf_stream.Unsupported as e:
         _discard_stream(src, e, "dequantizing it through transformers instead", folder, work / "hf")
+        return None
+
+
+def _stream_float(src: sources.Source, recipe: str, work: Path) -> Path | None:
+    """The static recipe's float source graph, written weight by weight into ``work/builder`` from
+    a GGUF's blocks (exporters/gguf_stream.py) or an HF folder's safetensors (hf_stream.py) instead
+    of through transformers' float copy of the model. The HF folder (config, tokenizer), or None
+    where that does not apply or cannot be done (said in one line)."""
+    if recipe != "static" or (src.kind != "gguf" and (src.kind not in ("hf-folder", "hub") or src.hf_dir is None)):
+        return None
+    from . import gguf_stream, hf_stream
+
+    base = work / "builder"
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        if src.kind == "gguf":
+            return gguf_stream.export_float(src, base, work)
+        return hf_stream.export_float(src, base, work)
+    except gguf_stream.Unsupported as e:
+        how = "dequantizing it through transformers" if src.kind == "gguf" else "loading it through transformers"
+        _discard_stream(src, e, how + " instead", base, work / "hf")
         return None
 
 

@@ -267,10 +267,19 @@ class _Gguf:
         perm = perm.reshape(n)
         return a if np.array_equal(perm, np.arange(n)) else a[perm]
 
-    def floats(self, t) -> np.ndarray:
-        """Dequantized float32, shaped as transformers has it ([N, K] or [N])."""
+    def floats(self, t, rows: slice | None = None) -> np.ndarray:
+        """Dequantized float32, shaped as transformers has it ([N, K] or [N]); or ``rows`` of a
+        matrix whose rows are not permuted (see ``permuted``)."""
         from gguf.quants import dequantize
 
+        if rows is not None:
+            k, n = (int(s) for s in t.shape)
+            if self.permuted(t):
+                raise ValueError(f"{t.name}: row slices of a permuted tensor")
+            per_row = int(t.n_bytes) // n
+            part = _TensorInfo(t.name, t.tensor_type, (k, rows.stop - rows.start),
+                               int(t.data_offset) + rows.start * per_row, (rows.stop - rows.start) * per_row)
+            return np.asarray(dequantize(read_raw(self.path, part), t.tensor_type).reshape(-1, k), np.float32)
         shape = tuple(int(s) for s in reversed(t.shape))
         a = dequantize(read_raw(self.path, t), t.tensor_type).reshape(shape).astype(np.float32)
         return self._permute(t, a) if a.ndim == 2 else np.asarray(self.processor.process(a, _base(t.name)).weights)
@@ -613,9 +622,9 @@ def _hf_folder(src, out: Path):
     return config
 
 
-def export(src, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str]) -> tuple[Path, dict]:
-    """Write ``out_dir``'s model.onnx(.data), genai_config.json and tokenizer files from the GGUF
-    ``src``. Returns the temporary HF folder (config, tokenizer) and the quantization report."""
+def _meta_model(src, work: Path):
+    """The HF folder (config, tokenizer) under ``work``, a meta-device transformers model of the
+    GGUF whose 1-D parameters (norm weights, biases) hold their real values, and the GGUF's tensors."""
     if src.model_type not in STREAMING:
         raise Unsupported(f"streaming covers {', '.join(STREAMING)} GGUFs, not {src.model_type}")
     import torch
@@ -633,6 +642,13 @@ def export(src, out_dir: Path, work: Path, execution_provider: str, options: dic
             module, leaf = meta.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
             setattr(module, leaf, torch.nn.Parameter(torch.from_numpy(np.array(gg.floats(t), np.float32)),
                                                      requires_grad=False))
+    return hf_dir, config, meta, gg
+
+
+def export(src, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str]) -> tuple[Path, dict]:
+    """Write ``out_dir``'s model.onnx(.data), genai_config.json and tokenizer files from the GGUF
+    ``src``. Returns the temporary HF folder (config, tokenizer) and the quantization report."""
+    hf_dir, config, meta, gg = _meta_model(src, work)
     with stage(f"Building the graph for {execution_provider} with onnxruntime-genai's model builder"), \
             ticking("building"):
         captured = build_graph(meta, hf_dir, out_dir, work, execution_provider, options)
@@ -644,6 +660,61 @@ def export(src, out_dir: Path, work: Path, execution_provider: str, options: dic
     del model
     gc.collect()  # the graph's reference cycles, before the caller loads the artifact to check it
     return hf_dir, report.manifest()
+
+
+def export_float(src, out_dir: Path, work: Path) -> Path:
+    """The builder's FP32 CPU graph of the GGUF ``src`` in ``out_dir`` (model.onnx(.data),
+    genai_config.json, tokenizer files), each weight dequantized from its GGUF blocks as it is
+    written: what the builder makes from transformers' dequantized model, without a float copy of
+    the model in memory (the static recipe's source graph). Returns the HF folder."""
+    import onnx_ir as ir
+
+    hf_dir, config, meta, gg = _meta_model(src, work)
+    with stage("Building the float graph with onnxruntime-genai's model builder"), ticking("building"):
+        captured = build_graph(meta, hf_dir, out_dir, work, "cpu", {})
+    model = captured.pop("model")
+    graph, made = model.graph, set()
+
+    def lazy(value, parts: list, transpose: bool) -> None:
+        shape = tuple(int(d) for d in value.const_value.shape)
+
+        def compute() -> ir.Tensor:  # the rows of big tensors a slice at a time (dequantizing takes copies)
+            k, n = (int(s) for s in parts[0].shape)
+            rows = [int(t.shape[1]) for t in parts]
+            if any(int(t.shape[0]) != k for t in parts) or (sum(rows), k)[:: -1 if transpose else 1] != shape:
+                raise Unsupported(f"the GGUF tensors of {value.name} do not have its shape {list(shape)}")
+            out = np.empty(shape, np.float32)
+            at = 0
+            for t, n in zip(parts, rows):
+                step = n if n <= _CHUNK_ROWS or gg.permuted(t) else _CHUNK_ROWS
+                for r in range(0, n, step):
+                    a = gg.floats(t) if step == n else gg.floats(t, slice(r, min(n, r + step)))
+                    if transpose:
+                        out[:, at + r: at + r + a.shape[0]] = a.T
+                    else:
+                        out[at + r: at + r + a.shape[0]] = a
+                    del a
+                at += n
+            return ir.Tensor(out, name=value.name)
+        value.const_value = ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=value.name)
+        made.add(value.name)
+
+    for n in graph:
+        w = n.inputs[1] if n.op_type == "MatMul" and len(n.inputs) > 1 else None
+        if w is None or w.const_value is None or w.name in made:
+            continue
+        if not w.name.endswith(".MatMul.weight"):
+            raise Unsupported(f"cannot map the MatMul weight {w.name} to GGUF tensors")
+        lazy(w, gg.merged([gg.tensor(f"{m}.weight") for m in _hf_modules(w.name[: -len(".MatMul.weight")])]), True)
+    table = graph.initializers.get("model.embed_tokens.weight")
+    if table is None:
+        raise Unsupported("the builder graph has no model.embed_tokens.weight")
+    lazy(table, [gg.tensor("model.embed_tokens.weight")], False)
+    check_materialized(graph, made, "GGUF")
+    save_streamed(model, out_dir / captured["filename"], "Writing the GGUF's tensors as float32")
+    del model
+    gc.collect()
+    return hf_dir
 
 
 def build_graph(meta, hf_dir: Path, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str],

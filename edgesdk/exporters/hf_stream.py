@@ -36,7 +36,7 @@ STREAMING = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: the upper halves of float32s
 _CHUNK_FLOATS = 1 << 22  # float32 values read and quantized at a time (16 MB, and the transposed copy)
 
-__all__ = ["STREAMING", "Unsupported", "export"]
+__all__ = ["STREAMING", "Unsupported", "export", "export_float"]
 
 
 class _Safetensors:
@@ -148,9 +148,9 @@ class _Packed:
         return self.value[what]
 
 
-def export(src, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str]) -> tuple[Path, dict]:
-    """Write ``out_dir``'s model.onnx(.data), genai_config.json and tokenizer files from the HF
-    folder ``src.hf_dir``, one weight at a time. Returns the folder and the streaming report."""
+def _meta_model(src):
+    """The safetensors of ``src.hf_dir`` and a meta-device transformers model of it whose 1-D
+    parameters (norm weights, biases) hold their real values."""
     if src.model_type not in STREAMING or src.architecture != STREAMING[src.model_type]:
         raise Unsupported(f"streaming covers {', '.join(STREAMING.values())}, not {src.architecture}")
     hf_dir = Path(src.hf_dir)
@@ -177,6 +177,64 @@ def export(src, out_dir: Path, work: Path, execution_provider: str, options: dic
         if p.ndim == 1:  # norm weights, biases: real values, so the builder reads them as usual
             module, leaf = meta.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
             setattr(module, leaf, torch.nn.Parameter(torch.from_numpy(weights.rows(name)), requires_grad=False))
+    return hf_dir, weights, meta, tied
+
+
+def export_float(src, out_dir: Path, work: Path) -> Path:
+    """The builder's FP32 CPU graph of the HF folder ``src.hf_dir`` in ``out_dir`` (model.onnx(.data),
+    genai_config.json, tokenizer files), each weight read from the safetensors as it is written:
+    what the builder makes from transformers' float32 model, without that model in memory (the
+    static recipe's source graph). Returns the folder."""
+    import onnx_ir as ir
+
+    hf_dir, weights, meta, tied = _meta_model(src)
+    with stage("Building the float graph with onnxruntime-genai's model builder"), ticking("building"):
+        captured = build_graph(meta, hf_dir, out_dir, work, "cpu", {})
+    model = captured.pop("model")
+    graph, made = model.graph, set()
+
+    def lazy(value, names: list[str], transpose: bool) -> None:
+        shape = tuple(int(d) for d in value.const_value.shape)
+
+        def compute() -> ir.Tensor:
+            a = np.concatenate([weights.rows(m) for m in names]) if len(names) > 1 else weights.rows(names[0])
+            a = np.ascontiguousarray(a.T if transpose else a, np.float32)
+            if a.shape != shape:
+                raise Unsupported(f"the safetensors tensors of {value.name} do not have its shape {list(shape)}")
+            return ir.Tensor(a, name=value.name)
+        value.const_value = ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=value.name)
+        made.add(value.name)
+
+    def source(module: str) -> str:
+        name = f"{module}.weight"
+        return "model.embed_tokens.weight" if name == "lm_head.weight" and tied else name
+
+    for n in graph:
+        w = n.inputs[1] if n.op_type == "MatMul" and len(n.inputs) > 1 else None
+        if w is None or w.const_value is None or w.name in made:
+            continue
+        if not w.name.endswith(".MatMul.weight"):
+            raise Unsupported(f"cannot map the MatMul weight {w.name} to safetensors tensors")
+        names = [source(m) for m in _hf_modules(w.name[: -len(".MatMul.weight")])]
+        if any(m not in weights for m in names):
+            raise Unsupported(f"no safetensors tensors hold {w.name}")
+        lazy(w, names, True)
+    table = graph.initializers.get("model.embed_tokens.weight")
+    if table is None:
+        raise Unsupported("the builder graph has no model.embed_tokens.weight")
+    lazy(table, ["model.embed_tokens.weight"], False)
+    check_materialized(graph, made, "safetensors")
+    save_streamed(model, out_dir / captured["filename"], "Writing the weights as float32")
+    del model
+    _release()
+    return hf_dir
+
+
+def export(src, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str]) -> tuple[Path, dict]:
+    """Write ``out_dir``'s model.onnx(.data), genai_config.json and tokenizer files from the HF
+    folder ``src.hf_dir``, one weight at a time. Returns the folder and the streaming report."""
+    hf_dir, weights, meta, tied = _meta_model(src)
+
     def check(builder) -> None:
         q = builder.quant_attrs
         if (getattr(builder, "quantization_algo", "default") != "default" or int(q["bits"]) != 4 or q.get("use_qdq")

@@ -16,10 +16,13 @@ biases, RoPE caches for every scaling). We rewrite it rather than write a second
   CoreML, plain ONNX ops);
 - two graphs, prefill (S tokens) and decode (1 token), share one weights file.
 
-For the NPU (precision int8/int4) the FP32 pair is calibrated on real text run through its own
-static loop and quantized to Q/DQ (A16W8 / A16W4) with onnxruntime.quantization's QNN helpers,
-weight MatMuls first turned into Gemm (see ``matmuls_to_gemm``). CoreML gets an fp16 pair of
-plain ONNX operators.
+For the NPU (precision int8/int4) the pair's weight MatMuls become Gemm (see ``matmuls_to_gemm``)
+and its weights are quantized per channel first (static_qdq); the pair is then calibrated on real
+text run through its own static loop and quantized to Q/DQ (A16W8 / A16W4) with
+onnxruntime.quantization's QNN helpers. No stage holds the float model: the source graph is
+streamed from the GGUF or safetensors (gguf_stream/hf_stream.export_float), the rewrite reads its
+weights one at a time, and calibration and quantization hold integer weights. CoreML gets an fp16
+pair of plain ONNX operators.
 """
 from __future__ import annotations
 
@@ -394,7 +397,7 @@ def save_family(models: dict[str, Any], folder: Path, data_name: str = WEIGHTS, 
 
 
 def write_host_tables(tables: dict[str, Any], folder: Path, dtype: str) -> None:
-    np.save(folder / EMBED, tables["embed"].astype(dtype))
+    np.save(folder / EMBED, np.asarray(tables["embed"], dtype))  # no copy when it is that dtype already
     np.savez(folder / ROPE, cos=tables["cos"].astype(np.float32), sin=tables["sin"].astype(np.float32),
              interleaved=np.array(tables["interleaved"]))
 
@@ -410,12 +413,14 @@ def build_family(builder_model_path: Path, genai: dict, folder: Path, chunk: int
     family = {"prefill": rewrite(model, tables, Shape(chunk, context, dtype, plain_ops), base),
               "decode": rewrite(model, tables, Shape(1, context, dtype, plain_ops), base)}
     del model
-    sizes = save_family(family, folder, base=base)
     write_host_tables(tables, folder, dtype)
+    vocab, hidden = tables["embed"].shape
+    tables["embed"] = None  # written: not kept while the weights stream
+    sizes = save_family(family, folder, base=base)
     return {"chunk": chunk, "context": context, "dtype": dtype, "graphs": {k: f"{k}.onnx" for k in family},
             "weights": WEIGHTS, "embed": EMBED, "rope": ROPE, "layers": tables["layers"],
             "num_heads": tables["num_heads"], "num_kv_heads": tables["kv_heads"], "head_size": tables["head_size"],
-            "hidden_size": int(tables["embed"].shape[1]), "vocab_size": int(tables["embed"].shape[0]),
+            "hidden_size": int(hidden), "vocab_size": int(vocab),
             "weights_bytes": sizes["written"]}
 
 
@@ -503,7 +508,6 @@ def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int
     One graph's session at a time (not both graphs' weights at once): every window's prefill
     chunks first, keeping its cache; then, from that cache, its decode steps. The inputs are the
     ones the interleaved loop gives (each window starts from a rewound, zeroed cache)."""
-    from ..runtime.session import create_session
     from ..runtime.static_decoder import StaticDecoder
 
     spec = {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value", **info}
@@ -527,7 +531,7 @@ def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int
     with bar(total, "calibrating") as tick:
         for g in GRAPHS:
             # the one session stands in for both graphs: only graph g runs in this pass
-            session = create_session(folder / f"{g}.onnx")
+            session = calibration_session(folder / f"{g}.onnx")
             dec = StaticDecoder(folder, info, session, session, recorder=recorder)
             for n, w in enumerate(windows):
                 window[0] = n
@@ -552,6 +556,29 @@ def record_calibration(folder: Path, info: dict, ids: list[int], max_chunks: int
         # a prefill record needs the slots before it only: the window's final cache has them too
         records["prefill"].caches = records["decode"].caches
     return records
+
+
+def calibration_options():
+    """Session options for graphs with pre-quantized weights (static_qdq) on the CPU EP: the
+    graph's own node order (priority-based, ties by node index: each DequantizeLinear sits just
+    before its Gemm), so each weight's float copy is freed before the next is made, and no graph
+    optimizations (their new nodes go to the end of that order). Measured on SmolLM2-135M's decode
+    graph: peak RSS 337 MB this way; 589-758 MB in the default order or with optimizations, where
+    every DequantizeLinear (they read initializers only) runs first and the float model is alive."""
+    import onnxruntime as ort
+
+    from ..runtime.session import session_options
+
+    so = session_options(None, True, None)
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
+
+
+def calibration_session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=calibration_options(), providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager
@@ -603,11 +630,12 @@ class _Transposes:
         ext = _external(w)
         key = (ext.get("location"), ext.get("offset"), w.name) if ext else w.name
         if key not in self.done:
-            raw = np.ascontiguousarray(_array(w, base).T).tobytes()
+            a = _array(w, base)
             self.f.write(b"\0" * ((-self.f.tell()) % 64))
-            self.done[key] = (self.f.tell(), len(raw))
-            self.f.write(raw)
-            del raw
+            self.done[key] = (self.f.tell(), a.nbytes)
+            for j in range(0, a.shape[1], 4096):  # W^T's rows a slab at a time (no whole transposed copy)
+                np.ascontiguousarray(a[:, j: j + 4096].T).tofile(self.f)
+            del a
         offset, length = self.done[key]
         t = TensorProto(name=w.name + ".T", data_type=w.data_type, dims=list(reversed(w.dims)))
         t.data_location = TensorProto.EXTERNAL
@@ -676,40 +704,21 @@ def matmuls_to_gemm(model, base: str | Path = "", transposes: _Transposes | None
     _check_static(model)
 
 
-def _channel_scales(folder: Path, init, qtype) -> list[dict[str, Any]]:
-    """Symmetric per-output-channel (axis 0) scales of a Gemm weight, computed at once: given as
-    overrides, onnxruntime skips its own per-channel loop (seconds per 50k-row lm_head)."""
-    from onnx import numpy_helper
-
-    w = numpy_helper.to_array(init, base_dir=str(folder))
-    qmax = 7 if "4" in qtype.name else 127
-    scale = np.maximum(np.abs(w).max(axis=1), 1e-8).astype(np.float32) / qmax
-    return [{"quant_type": qtype, "axis": 0, "scale": np.float32(s), "zero_point": 0}
-            for s in scale]
-
-
 def qdq_config(src: Path, precision: str, ranges: dict[str, tuple[float, float]]):
-    """QDQ for the NPU: 16-bit activations, symmetric per-channel 8- or 4-bit weights, MinMax
-    (A16W4's 4-bit weights are then made block-wise: block_weights)."""
-    import onnx
+    """QDQ for the NPU: 16-bit activations, MinMax, over a pair whose Gemm weights are already
+    quantized (static_qdq.prequantize_family: symmetric per-channel 8- or 4-bit). The quantizer
+    leaves those DequantizeLinear nodes as they are."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
-    m = onnx.load(str(src), load_external_data=False)
-    inits = {i.name: i for i in m.graph.initializer}
-    wtype = getattr(QuantType, QDQ[precision][0])
-    # per output channel: axis 0 of a Gemm's W^T [out, in] (see matmuls_to_gemm)
-    gemms = [n.input[1] for n in m.graph.node if n.op_type == "Gemm" and n.input[1] in inits]
-    # The lm_head (the widest weight) stays 8-bit in A16W4: QNN 2.7 fails to unpack it in 4 bits
-    # ("Failed to unpack Tensor<Int4x2>", measured) and 4-bit logits cost the most accuracy.
-    head = max(gemms, key=lambda w: inits[w].dims[0])
-    overrides = {w: _channel_scales(src.parent, inits[w], QuantType.QInt8 if w == head else wtype) for w in gemms}
     # Host inputs whose full range is known: calibration text alone would clip them (an embedding
     # row it never saw, a position past its windows).
-    overrides.update({name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()})
-    cfg = get_qnn_qdq_config(str(src), None, activation_type=QuantType.QUInt16, weight_type=wtype,
+    overrides = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
+    cfg = get_qnn_qdq_config(str(src), None, activation_type=QuantType.QUInt16,
+                             weight_type=getattr(QuantType, QDQ[precision][0]),
                              per_channel=True, init_overrides=overrides,
                              calibration_providers=["CPUExecutionProvider"])
+    cfg.op_types_to_quantize = [op for op in cfg.op_types_to_quantize if op != "DequantizeLinear"]
     cfg.use_external_data_format = True
     return cfg
 
@@ -781,7 +790,7 @@ def block_weights(model, floats: dict[str, Any], float_base: Path) -> list[int]:
     return used
 
 
-def observe_ranges(src: Path, feeds, cfg, work: Path, batch: int = 8):
+def observe_ranges(src: Path, feeds, cfg, work: Path, batch: int = 2):
     """MinMax ranges of every tensor the config quantizes, over the recorded feeds, ``batch`` records
     at a time (each collect_data call folds its outputs into the ranges, so memory holds one batch).
 
@@ -793,15 +802,27 @@ def observe_ranges(src: Path, feeds, cfg, work: Path, batch: int = 8):
 
     from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
+    class Calibrater(MinMaxCalibrater):
+        def select_tensors_to_calibrate(self, model):
+            """Not the weights a DequantizeLinear makes (pre-quantized: static_qdq): their ranges
+            are not needed, and as graph outputs every run would copy them all out."""
+            tensors, infos = super().select_tensors_to_calibrate(model)
+            return tensors - {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}, infos
+
+        def create_inference_session(self):  # onnxruntime's (no optimizations), in node order
+            import onnxruntime as ort
+
+            self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=calibration_options(),
+                                                      providers=["CPUExecutionProvider"])
+
     with tempfile.TemporaryDirectory(dir=work) as tmp, progress.library_output():
         # create_calibrator's steps, with its in-memory copy of the model (every weight) dropped
         # once the augmented model is written, before the session loads the weights again
-        cal = MinMaxCalibrater(src, cfg.op_types_to_quantize, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+        cal = Calibrater(src, cfg.op_types_to_quantize, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                use_external_data_format=True)
         cal.augment_graph()
         cal.model = None  # MinMax's collect/compute read only the session and the output names
         _release()
-        cal.execution_providers = ["CPUExecutionProvider"]
         cal.create_inference_session()
         for i in range(0, len(feeds), batch):
             cal.collect_data(_Reader(feeds, i, i + batch))
@@ -870,9 +891,10 @@ def _quantize_static(src: Path, dst: Path, cfg, extra: dict, reader, cache: Path
 
 
 def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, context: int | None,
-           chunk: int | None, calibration: str | Path | None) -> dict[str, Any]:
+           chunk: int | None, calibration: str | Path | None, built: bool = False) -> dict[str, Any]:
     """Build the static pair for ``profile`` into ``folder`` (with genai_config.json and the
-    tokenizer next to it); return the manifest's ``model.static`` entry."""
+    tokenizer next to it); return the manifest's ``model.static`` entry. ``built``: the builder's
+    FP32 CPU graph of the model is already in ``work/builder`` (streamed from a GGUF)."""
     import shutil
 
     from ..errors import InvalidArgumentError
@@ -890,7 +912,8 @@ def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, cont
     cal_path = Path(calibration) if calibration else CALIBRATION_TEXT
     cal_ids = _calibration_ids(hf_dir, cal_path, chunk) if qdq else None
     base = work / "builder"
-    builder.build(hf_dir, base, work / "cache", "fp32", "cpu", {})
+    if not built:
+        builder.build(hf_dir, base, work / "cache", "fp32", "cpu", {})
     _release()
     genai = json.loads((base / "genai_config.json").read_text())
     dtype = "float16" if precision == "fp16" else "float32"
@@ -900,39 +923,59 @@ def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, cont
     with stage(f"Rewriting it into static prefill ({chunk} tokens) and decode graphs over a context of {context}"):
         info = build_family(base / genai["model"]["decoder"]["filename"], genai, target_dir, chunk, context,
                             dtype, plain)
+    for f in base.glob("*.onnx*"):  # the builder's graph and weights are read: disk space back
+        f.unlink()
     info["mask_value"] = QDQ_MASK if qdq else FLOAT_MASK
     info["io_dtype"] = dtype
     info["plain_ops"] = plain
     if qdq:
         import resource
 
-        with stage(f"Calibrating on {cal_path.name} through the static loop"):
-            records = record_calibration(target_dir, info, cal_ids)
-        _release()
         import onnx
 
-        gemm_dir = work / "gemm"
-        gemm_dir.mkdir()
-        gemm_family(target_dir, gemm_dir)
+        from .static_qdq import prequantize_family
+
+        gemm_dir, calib_dir = work / "gemm", work / "calibration"
+        for d in (gemm_dir, calib_dir):
+            d.mkdir()
+        with stage("Quantizing the weights to 8 bits per channel for calibration"):
+            gemm_family(target_dir, gemm_dir)
+            (target_dir / WEIGHTS).unlink()  # the Gemm pair holds them now (disk space back)
+            _release()
+            prequantize_family(gemm_dir, calib_dir, "int8")
+            _release()
+        for f in (EMBED, ROPE):
+            shutil.copy(target_dir / f, calib_dir / f)
+        # the calibration loop, the observation and the quantizer hold 8-bit (or 4-bit) weights,
+        # never the float model (static_qdq)
+        with stage(f"Calibrating on {cal_path.name} through the static loop"):
+            records = record_calibration(calib_dir, info, cal_ids)
         _release()
         table = np.load(target_dir / EMBED, mmap_mode="r")
         ranges = {"inputs_embeds": (float(table.min()), float(table.max())), "cos": (-1.0, 1.0),
                   "sin": (-1.0, 1.0), "attention_bias": (QDQ_MASK, 0.0)}
         del table
-        quantized = {}
-        cfgs = {g: qdq_config(gemm_dir / f"{g}.onnx", precision, ranges) for g in GRAPHS}
         observed = []
         for g in GRAPHS:
             with stage(f"Observing the {g} graph's activation ranges ({len(records[g])} calibration records)"):
-                observed.append(observe_ranges(gemm_dir / f"{g}.onnx", records[g], cfgs[g], work))
+                observed.append(observe_ranges(calib_dir / f"{g}.onnx", records[g],
+                                               qdq_config(calib_dir / f"{g}.onnx", "int8", ranges), work))
             records[g] = None
             _release()
         joint_ranges(observed, work / "ranges.json")
+        quant_dir = calib_dir
+        if precision == "int4":  # 4-bit weights (the lm_head 8-bit), per-channel here, block-wise below
+            quant_dir = work / "int4"
+            quant_dir.mkdir()
+            prequantize_family(gemm_dir, quant_dir, "int4")
+            _release()
+        quantized = {}
         for g in GRAPHS:
             with stage(f"Quantizing the {g} graph ({QDQ[precision][1]}: 16-bit activations, "
                        + ("8-bit symmetric per-channel weights)" if precision == "int8" else
                           "4-bit symmetric weights, per-channel here, block-wise next)")):
-                quantize_graph(gemm_dir / f"{g}.onnx", work / f"{g}.qdq.onnx", cfgs[g], work / "ranges.json")
+                quantize_graph(quant_dir / f"{g}.onnx", work / f"{g}.qdq.onnx",
+                               qdq_config(quant_dir / f"{g}.onnx", precision, ranges), work / "ranges.json")
             _release()
         blocks: list[int] = []
         for g in GRAPHS:
@@ -949,12 +992,13 @@ def export(hf_dir: Path, folder: Path, work: Path, profile, precision: str, cont
             shutil.copy(target_dir / f, folder / f)
         info["quantization"] = {"scheme": QDQ[precision][1], "activations": "uint16", "weights": QDQ[precision][0].lower(),
                                 "per_channel": True, "symmetric_weights": True, "calibration": cal_path.name,
-                                "calibration_tokens": len(cal_ids), "method": "MinMax"}
+                                "calibration_tokens": len(cal_ids), "method": "MinMax",
+                                "calibrated_with": "int8 per-channel weights"}
         if blocks:  # A16W4: block-wise 4-bit weights (the 8-bit lm_head stays per-channel)
             info["quantization"].update(per_channel=False, block_size=max(blocks), block_sizes=sorted(set(blocks)))
         info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     for f in base.iterdir():  # tokenizer, chat template, generation config
-        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "genai_config.json":
+        if f.is_file() and not f.name.endswith((".onnx", ".onnx.data")) and f.name != "genai_config.json":
             shutil.copy(f, folder / f.name)
     genai["model"]["decoder"]["filename"] = "decode.onnx"
     genai["model"]["context_length"] = context
