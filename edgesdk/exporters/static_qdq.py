@@ -15,9 +15,11 @@ just before its Gemm and frees it after, so a session holds the integer weights 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
-from .static import GRAPHS, _array, _attrs, _prune, save_family
+from .static import GRAPHS, _attrs, _prune, _rows, save_family
 
 QMAX = {"int8": 127, "int4": 7}
 ROWS = 4096  # output channels quantized at a time
@@ -31,18 +33,25 @@ class _Sink:
         self.path, self.f = path, open(path, "wb")
 
     def put(self, array: np.ndarray, name: str):
-        from onnx import TensorProto, numpy_helper
+        from onnx import TensorProto, helper, numpy_helper
 
-        t = numpy_helper.from_array(array, name)  # packs int4 (ml_dtypes) two to a byte
-        raw = t.raw_data
-        if len(raw) < 1024:
-            return t
-        self.f.write(b"\0" * ((-self.f.tell()) % 64))
-        offset = self.f.tell()
-        self.f.write(raw)
+        if array.dtype in (np.int8, np.float32) and array.nbytes >= 1024:  # written as they are: no copy
+            t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+            self.f.write(b"\0" * ((-self.f.tell()) % 64))
+            offset, size = self.f.tell(), array.nbytes
+            np.ascontiguousarray(array).tofile(self.f)
+        else:
+            t = numpy_helper.from_array(array, name)  # packs int4 (ml_dtypes) two to a byte
+            raw = t.raw_data
+            if len(raw) < 1024:
+                return t
+            self.f.write(b"\0" * ((-self.f.tell()) % 64))
+            offset, size = self.f.tell(), len(raw)
+            self.f.write(raw)
+            del raw
         t.ClearField("raw_data")
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", str(self.path.resolve())), ("offset", str(offset)), ("length", str(len(raw)))):
+        for k, v in (("location", str(self.path.resolve())), ("offset", str(offset)), ("length", str(size))):
             e = t.external_data.add()
             e.key, e.value = k, v
         return t
@@ -64,19 +73,21 @@ def lm_head(model) -> str:
     return max(gemm_weights(model), key=lambda w: inits[w].dims[0])
 
 
-def quantize_weight(w: np.ndarray, bits: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel (axis 0) quantization of W^T [out, in]: (codes, scales), the
-    codes by onnxruntime.quantization's own quantize_nparray."""
+def quantize_weight(rows: Callable[[int, int], np.ndarray], shape: tuple[int, int],
+                    bits: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel (axis 0) quantization of W^T [out, in], read ROWS rows at a
+    time by ``rows(start, stop)``: (codes, scales), the codes by onnxruntime.quantization's own
+    quantize_nparray."""
     from onnx import TensorProto
     from onnxruntime.quantization.quant_utils import quantize_nparray
 
     qtype = TensorProto.INT8 if bits == "int8" else TensorProto.INT4
-    codes = np.empty(w.shape, np.int8)
-    scale = np.empty(w.shape[0], np.float32)
-    for r in range(0, w.shape[0], ROWS):  # rows are independent: the temporaries stay small
-        rows = w[r: r + ROWS]
-        scale[r: r + ROWS] = np.maximum(np.abs(rows).max(axis=1), 1e-8).astype(np.float32) / QMAX[bits]
-        codes[r: r + ROWS] = quantize_nparray(qtype, rows, scale[r: r + ROWS, None], np.int8(0))
+    codes = np.empty(shape, np.int8)
+    scale = np.empty(shape[0], np.float32)
+    for r in range(0, shape[0], ROWS):  # rows are independent: the temporaries stay small
+        rows_ = np.asarray(rows(r, min(shape[0], r + ROWS)), np.float32)
+        scale[r: r + ROWS] = np.maximum(np.abs(rows_).max(axis=1), 1e-8).astype(np.float32) / QMAX[bits]
+        codes[r: r + ROWS] = quantize_nparray(qtype, rows_, scale[r: r + ROWS, None], np.int8(0))
     return codes, scale
 
 
@@ -102,7 +113,9 @@ def prequantize_family(src: Path, dst: Path, precision: str) -> dict[str, int]:
             for name in gemm_weights(model):
                 if name not in made:
                     bits = "int8" if precision == "int8" or name == head else "int4"
-                    codes, scale = quantize_weight(np.asarray(_array(inits[name], src), np.float32), bits)
+                    w = inits[name]
+                    codes, scale = quantize_weight(lambda a, b, w=w: _rows(w, src, a, b),
+                                                   (int(w.dims[0]), int(w.dims[1])), bits)
                     dtype = np.int8 if bits == "int8" else ml_dtypes.int4
                     made[name] = [sink.put(codes if dtype is np.int8 else codes.astype(dtype), f"{name}_quantized"),
                                   sink.put(scale, f"{name}_scale"),

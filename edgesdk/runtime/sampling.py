@@ -277,6 +277,10 @@ def _full(x: np.ndarray, t: np.float32, top_p: float, size: int, scratch: np.nda
     m = s.max()
     if m == -np.inf or np.isnan(m):
         raise InvalidArgumentError("every token is masked out (all logits are -inf or NaN): nothing to sample")
+    first = hint[0] if hint else 0
+    if top_p < 1.0:  # the hinted margin's candidates and their scaled logits, taken before the exp
+        cand = np.flatnonzero(s >= m - np.float32(_MARGINS[first]))
+        v = s[cand]  # x / T, penalised: bit for bit what the logits give
     # weights exp(x / T - max), or exp(x / T) with the max's factor kept apart (one pass fewer)
     # where that neither overflows nor underflows anything exp(x / T - max) keeps
     shift = 1.0
@@ -290,28 +294,31 @@ def _full(x: np.ndarray, t: np.float32, top_p: float, size: int, scratch: np.nda
         return _dense(scratch, size)
     total = float(np.dot(s, _ones(size)))
     need = top_p * total
-    # candidates: the weights above a threshold (an upper set of the logits), lowered until
-    # they hold top_p of the mass, so the whole nucleus is among them
-    first = hint[0] if hint else 0
-    for i in range(first, len(_MARGINS)):
-        cand = np.flatnonzero(s >= np.float32(math.exp(-_MARGINS[i]) / shift))
-        w = s[cand]
-        if float(w.sum(dtype=np.float64)) >= need:
-            break
-    else:
-        i = len(_MARGINS) - 1
-        cand = np.flatnonzero(s > 0)
-        w = s[cand]
-    xc = x[cand]
-    if penalty is not None and counts.size:
-        seen = counts[np.minimum(cand, counts.size - 1)] > 0
-        seen &= cand < counts.size
-        if seen.any():
-            xc[seen] = _penalized(xc, np.flatnonzero(seen), factor)
+    # candidates: an upper set of the scaled logits (those within a margin of the max), widened
+    # until they hold top_p of the mass, so the whole nucleus is among them
+    w = s[cand]
+    i = first
+    if float(w.sum(dtype=np.float64)) < need:
+        for i in range(first + 1, len(_MARGINS)):
+            cand = np.flatnonzero(s >= np.float32(math.exp(-_MARGINS[i]) / shift))
+            w = s[cand]
+            if float(w.sum(dtype=np.float64)) >= need:
+                break
+        else:
+            i = len(_MARGINS) - 1
+            cand = np.flatnonzero(s > 0)
+            w = s[cand]
+        xc = x[cand]
+        if penalty is not None and counts.size:
+            seen = counts[np.minimum(cand, counts.size - 1)] > 0
+            seen &= cand < counts.size
+            if seen.any():
+                xc[seen] = _penalized(xc, np.flatnonzero(seen), factor)
+        v = xc / t
     if hint is not None:  # next time: this margin; after 16 steps in a row at it, try a narrower one
         streak = hint[1] + 1 if i == first else 0
         hint[:] = [i - 1, 0] if i > 0 and streak >= 16 else [i, streak]
-    return _nucleus(cand, xc / t, w, total, top_p, size)[0]
+    return _nucleus(cand, v, w, total, top_p, size)[0]
 
 
 def _nucleus(ids: np.ndarray, v: np.ndarray, w: np.ndarray, total: float, top_p: float,
