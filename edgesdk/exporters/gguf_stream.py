@@ -667,36 +667,51 @@ def export_float(src, out_dir: Path, work: Path) -> Path:
     genai_config.json, tokenizer files), each weight dequantized from its GGUF blocks as it is
     written: what the builder makes from transformers' dequantized model, without a float copy of
     the model in memory (the static recipe's source graph). Returns the HF folder."""
-    import onnx_ir as ir
-
     hf_dir, config, meta, gg = _meta_model(src, work)
     with stage("Building the float graph with onnxruntime-genai's model builder"), ticking("building"):
         captured = build_graph(meta, hf_dir, out_dir, work, "cpu", {})
-    model = captured.pop("model")
+
+    def floats(parts: list, shape: tuple[int, int], transpose: bool) -> np.ndarray:
+        """The parts' rows (dequantized a slice at a time for big tensors: it takes copies)."""
+        k = int(parts[0].shape[0])
+        rows = [int(t.shape[1]) for t in parts]
+        if any(int(t.shape[0]) != k for t in parts) or (sum(rows), k)[:: -1 if transpose else 1] != shape:
+            raise Unsupported(f"the GGUF tensors {', '.join(t.name for t in parts)} are not {list(shape)}")
+        out = np.empty(shape, np.float32)
+        at = 0
+        for t, n in zip(parts, rows):
+            step = n if n <= _CHUNK_ROWS or gg.permuted(t) else _CHUNK_ROWS
+            for r in range(0, n, step):
+                a = gg.floats(t) if step == n else gg.floats(t, slice(r, min(n, r + step)))
+                if transpose:
+                    out[:, at + r: at + r + a.shape[0]] = a.T
+                else:
+                    out[at + r: at + r + a.shape[0]] = a
+                del a
+            at += n
+        return out
+
+    save_float_graph(captured.pop("model"), out_dir / captured["filename"],
+                     lambda module: gg.merged([gg.tensor(f"{m}.weight") for m in _hf_modules(module)]), floats,
+                     "GGUF", "Writing the GGUF's tensors as float32")
+    gc.collect()
+    return hf_dir
+
+
+def save_float_graph(model, path: Path, parts_of: Callable[[str], list], floats: Callable[..., np.ndarray],
+                     source: str, what: str) -> None:
+    """The builder's float graph (from a meta-device model) saved with every MatMul weight and the
+    embedding table computed as it is written: ``floats(parts_of(module), shape, transpose)``, the
+    float32 rows of the builder module's ``source`` tensors (transposed for a MatMul's [K, N])."""
+    import onnx_ir as ir
+
     graph, made = model.graph, set()
 
-    def lazy(value, parts: list, transpose: bool) -> None:
+    def lazy(value, module: str, transpose: bool) -> None:
         shape = tuple(int(d) for d in value.const_value.shape)
-
-        def compute() -> ir.Tensor:  # the rows of big tensors a slice at a time (dequantizing takes copies)
-            k, n = (int(s) for s in parts[0].shape)
-            rows = [int(t.shape[1]) for t in parts]
-            if any(int(t.shape[0]) != k for t in parts) or (sum(rows), k)[:: -1 if transpose else 1] != shape:
-                raise Unsupported(f"the GGUF tensors of {value.name} do not have its shape {list(shape)}")
-            out = np.empty(shape, np.float32)
-            at = 0
-            for t, n in zip(parts, rows):
-                step = n if n <= _CHUNK_ROWS or gg.permuted(t) else _CHUNK_ROWS
-                for r in range(0, n, step):
-                    a = gg.floats(t) if step == n else gg.floats(t, slice(r, min(n, r + step)))
-                    if transpose:
-                        out[:, at + r: at + r + a.shape[0]] = a.T
-                    else:
-                        out[at + r: at + r + a.shape[0]] = a
-                    del a
-                at += n
-            return ir.Tensor(out, name=value.name)
-        value.const_value = ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=value.name)
+        parts = parts_of(module)
+        value.const_value = ir.LazyTensor(lambda: ir.Tensor(floats(parts, shape, transpose), name=value.name),
+                                          dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=value.name)
         made.add(value.name)
 
     for n in graph:
@@ -704,17 +719,14 @@ def export_float(src, out_dir: Path, work: Path) -> Path:
         if w is None or w.const_value is None or w.name in made:
             continue
         if not w.name.endswith(".MatMul.weight"):
-            raise Unsupported(f"cannot map the MatMul weight {w.name} to GGUF tensors")
-        lazy(w, gg.merged([gg.tensor(f"{m}.weight") for m in _hf_modules(w.name[: -len(".MatMul.weight")])]), True)
+            raise Unsupported(f"cannot map the MatMul weight {w.name} to {source} tensors")
+        lazy(w, w.name[: -len(".MatMul.weight")], True)
     table = graph.initializers.get("model.embed_tokens.weight")
     if table is None:
         raise Unsupported("the builder graph has no model.embed_tokens.weight")
-    lazy(table, [gg.tensor("model.embed_tokens.weight")], False)
-    check_materialized(graph, made, "GGUF")
-    save_streamed(model, out_dir / captured["filename"], "Writing the GGUF's tensors as float32")
-    del model
-    gc.collect()
-    return hf_dir
+    lazy(table, "model.embed_tokens", False)
+    check_materialized(graph, made, source)
+    save_streamed(model, path, what)
 
 
 def build_graph(meta, hf_dir: Path, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str],

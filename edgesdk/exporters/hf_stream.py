@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import SourceError
 from .gguf_repack import _hf_modules
-from .gguf_stream import Unsupported, _hushed, build_graph, check_materialized, save_streamed
+from .gguf_stream import Unsupported, _hushed, build_graph, check_materialized, save_float_graph, save_streamed
 from .progress import stage, ticking
 from .static import _release
 
@@ -185,47 +185,24 @@ def export_float(src, out_dir: Path, work: Path) -> Path:
     genai_config.json, tokenizer files), each weight read from the safetensors as it is written:
     what the builder makes from transformers' float32 model, without that model in memory (the
     static recipe's source graph). Returns the folder."""
-    import onnx_ir as ir
-
     hf_dir, weights, meta, tied = _meta_model(src)
     with stage("Building the float graph with onnxruntime-genai's model builder"), ticking("building"):
         captured = build_graph(meta, hf_dir, out_dir, work, "cpu", {})
-    model = captured.pop("model")
-    graph, made = model.graph, set()
 
-    def lazy(value, names: list[str], transpose: bool) -> None:
-        shape = tuple(int(d) for d in value.const_value.shape)
-
-        def compute() -> ir.Tensor:
-            a = np.concatenate([weights.rows(m) for m in names]) if len(names) > 1 else weights.rows(names[0])
-            a = np.ascontiguousarray(a.T if transpose else a, np.float32)
-            if a.shape != shape:
-                raise Unsupported(f"the safetensors tensors of {value.name} do not have its shape {list(shape)}")
-            return ir.Tensor(a, name=value.name)
-        value.const_value = ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=value.name)
-        made.add(value.name)
-
-    def source(module: str) -> str:
-        name = f"{module}.weight"
-        return "model.embed_tokens.weight" if name == "lm_head.weight" and tied else name
-
-    for n in graph:
-        w = n.inputs[1] if n.op_type == "MatMul" and len(n.inputs) > 1 else None
-        if w is None or w.const_value is None or w.name in made:
-            continue
-        if not w.name.endswith(".MatMul.weight"):
-            raise Unsupported(f"cannot map the MatMul weight {w.name} to safetensors tensors")
-        names = [source(m) for m in _hf_modules(w.name[: -len(".MatMul.weight")])]
+    def parts_of(module: str) -> list[str]:
+        names = ["model.embed_tokens.weight" if m == "lm_head" and tied else f"{m}.weight" for m in _hf_modules(module)]
         if any(m not in weights for m in names):
-            raise Unsupported(f"no safetensors tensors hold {w.name}")
-        lazy(w, names, True)
-    table = graph.initializers.get("model.embed_tokens.weight")
-    if table is None:
-        raise Unsupported("the builder graph has no model.embed_tokens.weight")
-    lazy(table, ["model.embed_tokens.weight"], False)
-    check_materialized(graph, made, "safetensors")
-    save_streamed(model, out_dir / captured["filename"], "Writing the weights as float32")
-    del model
+            raise Unsupported(f"no safetensors tensors hold {module}'s weight")
+        return names
+
+    def floats(names: list[str], shape: tuple[int, int], transpose: bool) -> np.ndarray:
+        a = np.concatenate([weights.rows(m) for m in names]) if len(names) > 1 else weights.rows(names[0])
+        if a.shape[:: -1 if transpose else 1] != shape:
+            raise Unsupported(f"the safetensors tensors {', '.join(names)} are not {list(shape)}")
+        return np.ascontiguousarray(a.T if transpose else a, np.float32)
+
+    save_float_graph(captured.pop("model"), out_dir / captured["filename"], parts_of, floats, "safetensors",
+                     "Writing the weights as float32")
     _release()
     return hf_dir
 
