@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from .errors import EdgeSDKError
 
@@ -31,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(a.log_level).upper(), logging.WARNING),
                         format="edgesdk: %(message)s")
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):  # not when started with SIGINT ignored
+        from .exporters.progress import interrupt_handler
+
+        signal.signal(signal.SIGINT, interrupt_handler)
     try:
         return a.fn(a) or 0
     except EdgeSDKError as e:

@@ -10,6 +10,22 @@ import threading
 import time
 
 _quiet = False
+_interrupted = False
+
+
+def interrupt_handler(signum, frame) -> None:
+    """The CLI's SIGINT handler: remember the interrupt, then raise KeyboardInterrupt as Python's
+    own does. Python drops an exception raised while a ``__del__`` or a gc callback runs
+    ("Exception ignored in ..."), and one interrupt during an export was once lost that way
+    (the export finished with status 0); ``stage`` raises it again at the next stage boundary."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def set_quiet(quiet: bool) -> None:
@@ -24,9 +40,11 @@ def say(message: str) -> None:
 
 @contextlib.contextmanager
 def stage(what: str):
+    check_interrupted()
     say(f"==> {what} ...")
     t = time.perf_counter()
     yield
+    check_interrupted()
     say(f"    done in {time.perf_counter() - t:.1f}s")
 
 
