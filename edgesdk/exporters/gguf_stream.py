@@ -273,13 +273,9 @@ class _Gguf:
         from gguf.quants import dequantize
 
         if rows is not None:
-            k, n = (int(s) for s in t.shape)
-            if self.permuted(t):
-                raise ValueError(f"{t.name}: row slices of a permuted tensor")
-            per_row = int(t.n_bytes) // n
-            part = _TensorInfo(t.name, t.tensor_type, (k, rows.stop - rows.start),
-                               int(t.data_offset) + rows.start * per_row, (rows.stop - rows.start) * per_row)
-            return np.asarray(dequantize(read_raw(self.path, part), t.tensor_type).reshape(-1, k), np.float32)
+            part = self._row_slice(t, rows)
+            return np.asarray(dequantize(read_raw(self.path, part), t.tensor_type).reshape(-1, int(t.shape[0])),
+                              np.float32)
         shape = tuple(int(s) for s in reversed(t.shape))
         a = dequantize(read_raw(self.path, t), t.tensor_type).reshape(shape).astype(np.float32)
         return self._permute(t, a) if a.ndim == 2 else np.asarray(self.processor.process(a, _base(t.name)).weights)
@@ -289,16 +285,21 @@ class _Gguf:
         permuted: see ``permuted``)."""
         k, n = (int(s) for s in t.shape)
         if rows is not None:
-            if self.permuted(t):
-                raise ValueError(f"{t.name}: row slices of a permuted tensor")
-            per_row = int(t.n_bytes) // n
-            part = _TensorInfo(t.name, t.tensor_type, (k, rows.stop - rows.start),
-                               int(t.data_offset) + rows.start * per_row, (rows.stop - rows.start) * per_row)
+            part = self._row_slice(t, rows)
             return decode_raw(t.tensor_type.name, rows.stop - rows.start, k, read_raw(self.path, part), t.name,
                               check_rows=16)
         b = decode_raw(t.tensor_type.name, n, k, read_raw(self.path, t), t.name, check_rows=64)
         perm = self._permute(t, np.arange(n))
         return b if np.array_equal(perm, np.arange(n)) else b.rows(perm)
+
+    def _row_slice(self, t, rows: slice) -> _TensorInfo:
+        """The bytes of ``rows`` of a matrix whose rows are not permuted."""
+        k, n = (int(s) for s in t.shape)
+        if self.permuted(t):
+            raise ValueError(f"{t.name}: row slices of a permuted tensor")
+        per_row = int(t.n_bytes) // n
+        return _TensorInfo(t.name, t.tensor_type, (k, rows.stop - rows.start),
+                           int(t.data_offset) + rows.start * per_row, (rows.stop - rows.start) * per_row)
 
     def permuted(self, t) -> bool:
         n = int(t.shape[1]) if len(t.shape) == 2 else int(t.shape[0])

@@ -324,6 +324,18 @@ def _external(t) -> dict[str, str] | None:
     return {e.key: e.value for e in t.external_data}
 
 
+def _refer(t, location: str, offset: int, length: int) -> None:
+    """Make initializer ``t`` refer to ``length`` bytes at ``offset`` of external file ``location``."""
+    from onnx import TensorProto
+
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
 def _raw(t, base: str | Path = "") -> bytes | None:
     """The raw bytes of an initializer, read from its external file (relative to ``base``, or an
     absolute location) when it has one; None for typed fields (kept inline)."""
@@ -366,7 +378,6 @@ def save_family(models: dict[str, Any], folder: Path, data_name: str = WEIGHTS, 
     from ``base`` (graphs loaded without their data): no graph's weights are ever all in memory.
     Returns bytes written / bytes referenced."""
     import onnx
-    from onnx import TensorProto
 
     seen: dict[bytes, tuple[int, int]] = {}
     where: dict[tuple, tuple[int, int]] = {}  # external source (file, offset, length) -> its copy
@@ -399,12 +410,7 @@ def save_family(models: dict[str, Any], folder: Path, data_name: str = WEIGHTS, 
                     if src is not None:
                         where[src] = seen[key]
                 referenced += length
-                t.ClearField("raw_data")
-                t.data_location = TensorProto.EXTERNAL
-                del t.external_data[:]
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
+                _refer(t, data_name, offset, length)
             onnx.save_model(model, str(folder / f"{name}.onnx"))
     (folder / data_name).chmod(0o644)
     return {"written": written, "referenced": referenced}
@@ -654,10 +660,7 @@ class _Transposes:
             del a
         offset, length = self.done[key]
         t = TensorProto(name=w.name + ".T", data_type=w.data_type, dims=list(reversed(w.dims)))
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", str(self.path.resolve())), ("offset", str(offset)), ("length", str(length))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
+        _refer(t, str(self.path.resolve()), offset, length)
         return t
 
     def close(self) -> None:

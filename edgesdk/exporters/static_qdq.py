@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .static import GRAPHS, _attrs, _prune, _rows, save_family
+from .static import GRAPHS, _attrs, _prune, _refer, _rows, save_family
 
 QMAX = {"int8": 127, "int4": 7}
 ROWS = 4096  # output channels quantized at a time
@@ -49,11 +49,7 @@ class _Sink:
             offset, size = self.f.tell(), len(raw)
             self.f.write(raw)
             del raw
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", str(self.path.resolve())), ("offset", str(offset)), ("length", str(size))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
+        _refer(t, str(self.path.resolve()), offset, size)
         return t
 
     def close(self) -> None:
