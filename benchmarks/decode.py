@@ -7,7 +7,9 @@ Each process measures, with --threads intra-op threads:
 - TTFT for each of --prompts prompt lengths (prefill + first token);
 - greedy decode tok/s over --new-tokens after a --prompts[0]-token prompt (EOS ignored);
 - greedy decode tok/s over 64 tokens after a --long-prompt prompt (position ~1,500);
-- sampled decode tok/s (T=0.7, top_p=0.9, top_k=50), edgesdk and onnxruntime-genai only.
+- sampled decode tok/s (T=0.7, top_p=0.9, top_k=50), edgesdk and onnxruntime-genai only, each
+  run right after a greedy one; edgesdk's sampled/greedy ratio is also given as the median over
+  those adjacent pairs ("paired"), which the machine's drift between runs does not reach.
 Medians over every run of every round; the JSON keeps the per-run values.
 
     python benchmarks/decode.py                                  # SmolLM2, builds what is missing
@@ -188,9 +190,11 @@ def measure(a, encode, run, load_s, long=True, sampled=True, prompts=None) -> di
     for _ in range(a.warmup):
         run(short, 16)
     rows["ttft_ms"] = {str(n): [run(prompt_ids(encode, n), 1)[0] * 1000 for _ in range(a.runs)] for n in prompts}
-    rows["decode_tok_s"] = [run(short, a.new_tokens)[1] for _ in range(a.runs)]
-    if sampled:
-        rows["sampled_decode_tok_s"] = [run(short, a.new_tokens, True)[1] for _ in range(a.runs)]
+    rows["decode_tok_s"], rows["sampled_decode_tok_s"] = [], []
+    for _ in range(a.runs):  # greedy and sampled alternate, so each pair sees the same machine state
+        rows["decode_tok_s"].append(run(short, a.new_tokens)[1])
+        if sampled:
+            rows["sampled_decode_tok_s"].append(run(short, a.new_tokens, True)[1])
     if long and a.long_prompt:
         ids = prompt_ids(encode, a.long_prompt)
         rows["long_decode_tok_s"] = [run(ids, 64)[1] for _ in range(a.runs)]
@@ -242,8 +246,9 @@ def table(results: dict, prompts: list[int]) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def ratios(summary: dict, prompts: list[int]) -> dict:
-    """edgesdk over each peer: >1 is better for edgesdk (speed up, TTFT down)."""
+def ratios(summary: dict, prompts: list[int], pairs: list[float] | None = None) -> dict:
+    """edgesdk over each peer: >1 is better for edgesdk (speed up, TTFT down). ``pairs``: edgesdk's
+    sampled/greedy ratio of each adjacent pair of runs (the drift-free one on a noisy machine)."""
     base = summary.get("edgesdk")
     out = {}
     for name, s in summary.items():
@@ -256,6 +261,8 @@ def ratios(summary: dict, prompts: list[int]) -> dict:
         out[name] = q
     if base:
         out["edgesdk sampled/greedy"] = {"decode": base["sampled_decode_tok_s"] / base["decode_tok_s"]}
+        if pairs:  # each sampled run over the greedy run just before it, in the same process
+            out["edgesdk sampled/greedy"]["paired"] = med(pairs)
     return out
 
 
@@ -321,7 +328,9 @@ def main() -> int:
 
     results = {e: merge(rs) for e, rs in runs.items()}
     lines, summary = table(results, a.prompts)
-    q = ratios(summary, a.prompts)
+    own = results.get("edgesdk", {})
+    pairs = [s / g for g, s in zip(own.get("decode_tok_s", []), own.get("sampled_decode_tok_s", []))]
+    q = ratios(summary, a.prompts, pairs)
     lines.append("")
     for name, r in q.items():
         lines.append(f"edgesdk vs {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))

@@ -302,6 +302,9 @@ def main() -> int:
                     help="also time a draft whose lm_head keeps this many tokens (0: skip; default 32768)")
     ap.add_argument("--requantize-gguf", action="store_true",
                     help="use the builder's RTN re-quantization of the GGUFs instead of their own blocks")
+    ap.add_argument("--requantize-draft", action="store_true",
+                    help="re-quantize only the draft (4-bit RTN, a cheaper draft step); the target keeps the "
+                         "GGUF's blocks, so the output stays plain decoding's")
     ap.add_argument("--prompts-file", default=None,
                     help="one prompt per line: run these (e.g. prompts never tuned on) instead of the built-in list")
     ap.add_argument("--llama-speculative", default=os.environ.get("LLAMA_SPECULATIVE"),
@@ -314,8 +317,9 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     a = ap.parse_args()
 
-    draft_path, target_path = exported("draft", requantize=a.requantize_gguf), exported("target", requantize=a.requantize_gguf)
-    vocab_path = exported("draft", requantize=a.requantize_gguf, draft_vocab=a.draft_vocab) if a.draft_vocab else None
+    rq_draft = a.requantize_gguf or a.requantize_draft
+    draft_path, target_path = exported("draft", requantize=rq_draft), exported("target", requantize=a.requantize_gguf)
+    vocab_path = exported("draft", requantize=rq_draft, draft_vocab=a.draft_vocab) if a.draft_vocab else None
     if a.prepare_only:
         print(target_path, draft_path, vocab_path or "")
         return 0
