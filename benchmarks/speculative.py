@@ -10,7 +10,9 @@ wheel; concatenated in part order they are the file). Artifacts are cached in
 
 Both are exported with edgesdk's default INT4 (the GGUFs' own 4-bit blocks; --requantize-gguf:
 the builder's RTN graphs), plus a draft whose lm_head keeps the 32,768 tokens most frequent in
-8 MB of CPython's standard library (--draft-vocab N; 0 skips it).
+8 MB of CPython's standard library (--draft-vocab N; 0 skips it). That export is a draft, so its
+GGUF's 5-8-bit tensors are quantized again to 4 bits (edgesdk's default for drafts; the full
+draft above is a plain export and keeps them at 8 bits).
 
 Per prompt it measures plain target decoding, draft-model speculative decoding (adaptive k),
 and -- on a copy task -- prompt-lookup decoding, all greedy, 128 new tokens, 2 threads. It
@@ -117,7 +119,7 @@ def exported(role: str, precision: str = "int4", requantize: bool = False, draft
     """The role's artifact: edgesdk's default INT4 export of the GGUF (the GGUF's own 4-bit blocks
     carried over), or with ``requantize`` the builder's RTN of the dequantized weights; with
     ``draft_vocab`` N the lm_head keeps the N tokens most frequent in a code corpus."""
-    suffix = ("-rq" if requantize else "") + (f"-vocab{draft_vocab}" if draft_vocab else "")
+    suffix = ("-rq" if requantize else "") + (f"-vocab{draft_vocab}-draft4" if draft_vocab else "")
     out = CACHE / f"{MODELS[role]['name']}-cpu-{precision}{suffix}"
     if not (out / "edgesdk.json").is_file():
         gguf = fetch_gguf(role)
@@ -302,9 +304,6 @@ def main() -> int:
                     help="also time a draft whose lm_head keeps this many tokens (0: skip; default 32768)")
     ap.add_argument("--requantize-gguf", action="store_true",
                     help="use the builder's RTN re-quantization of the GGUFs instead of their own blocks")
-    ap.add_argument("--requantize-draft", action="store_true",
-                    help="re-quantize only the draft (4-bit RTN, a cheaper draft step); the target keeps the "
-                         "GGUF's blocks, so the output stays plain decoding's")
     ap.add_argument("--prompts-file", default=None,
                     help="one prompt per line: run these (e.g. prompts never tuned on) instead of the built-in list")
     ap.add_argument("--llama-speculative", default=os.environ.get("LLAMA_SPECULATIVE"),
@@ -317,9 +316,8 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     a = ap.parse_args()
 
-    rq_draft = a.requantize_gguf or a.requantize_draft
-    draft_path, target_path = exported("draft", requantize=rq_draft), exported("target", requantize=a.requantize_gguf)
-    vocab_path = exported("draft", requantize=rq_draft, draft_vocab=a.draft_vocab) if a.draft_vocab else None
+    draft_path, target_path = exported("draft", requantize=a.requantize_gguf), exported("target", requantize=a.requantize_gguf)
+    vocab_path = exported("draft", requantize=a.requantize_gguf, draft_vocab=a.draft_vocab) if a.draft_vocab else None
     if a.prepare_only:
         print(target_path, draft_path, vocab_path or "")
         return 0

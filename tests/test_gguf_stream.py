@@ -432,3 +432,44 @@ def test_q6_k_rerounded_within_half_an_8bit_step():
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - x @ back.T).max() < 1e-4 * np.abs(x @ back.T).max()  # the op computes those values
     assert np.abs(y - x @ exact.T).max() < 1e-2 * np.abs(x @ exact.T).max()  # and they are the GGUF's, to 8 bits
+
+
+def _matmul_bits(folder) -> set[int]:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    return {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+
+
+def test_draft_takes_4bit_weights(tiny_gguf, tmp_path, monkeypatch):
+    """A draft from a GGUF (bundled with --draft, or an export restricted with --draft-vocab) has
+    its 5-8-bit tensors quantized again to 4 bits, its 4-bit blocks carried as they are; the
+    target keeps its own precisions, and decoding with that draft gives plain greedy decoding's
+    tokens. --draft-keep-precision keeps the draft's 8-bit weights."""
+    for k, v in NO_EXPORT_CACHE.items():
+        monkeypatch.setenv(k, v)
+    out = edgesdk.export(tiny_gguf, "cpu", tmp_path / "pair", quiet=True, draft=tiny_gguf)
+    blocks = json.loads((out / "draft" / "edgesdk.json").read_text())["quantization"]["gguf_blocks"]
+    got = blocks["tensors"]
+    assert got["blk.0.ffn_gate.weight"] == "Q5_0 -> MatMulNBits 4-bit b32, MLAS from Q5_0"
+    assert got["blk.0.attn_v.weight"] == "Q8_0 -> MatMulNBits 4-bit b32, MLAS from Q8_0"
+    assert got["blk.0.ffn_down.weight"] == "Q6_K -> MatMulNBits 4-bit b32, MLAS from Q6_K"
+    assert got["blk.1.ffn_up.weight"] == "Q5_K -> MatMulNBits 4-bit b32, MLAS from Q5_K"
+    assert got["blk.0.attn_k.weight"] == "Q4_1 -> MatMulNBits 4-bit b32, offset rows"  # 4-bit blocks: kept
+    assert got["blk.0.attn_output.weight"] == "Q4_K -> MatMulNBits 4-bit b32, offset rows"
+    assert blocks["rerounded_to_8bit"] == {} and blocks["requantized"]["Q8_0"] == 1
+    assert _matmul_bits(out / "draft") == {4}
+    assert _matmul_bits(out) == {4, 8}  # the target: as a plain export
+
+    target = edgesdk.load(out, draft=False)
+    pair = edgesdk.load(out)
+    prompt = "Hello, tiny world! 123 abc"
+    want = target.generate(prompt, max_new_tokens=24)
+    got_r = pair.generate(prompt, max_new_tokens=24, num_draft_tokens=3)
+    assert got_r.speculative["proposed"] > 0
+    assert got_r.token_ids == want.token_ids
+
+    kept = edgesdk.export(tiny_gguf, "cpu", tmp_path / "kept", quiet=True, draft=tiny_gguf, draft_keep_precision=True)
+    assert _matmul_bits(kept / "draft") == {4, 8}
+    alone = edgesdk.export(tiny_gguf, "cpu", tmp_path / "alone", quiet=True, draft_vocab=200)
+    assert _matmul_bits(alone) == {4}

@@ -30,6 +30,9 @@ def register(sub) -> None:
                         "this export (then usable only as a draft): a faster draft step")
     p.add_argument("--vocab-text", action="append", default=[], metavar="FILE",
                    help="text to count token frequencies in for --draft-vocab (repeatable; default: token id order)")
+    p.add_argument("--draft-keep-precision", action="store_true",
+                   help="keep a GGUF draft's 5-8-bit tensors at 8 bits (default: quantized again to 4 bits, "
+                        "a cheaper draft step with the same output)")
     p.add_argument("--requantize-gguf", action="store_true",
                    help="quantize a GGUF's weights again with the target's int4 algorithm instead of keeping "
                         "the GGUF's own blocks (faster on CPU, less accurate)")
@@ -46,6 +49,7 @@ def run(a: argparse.Namespace) -> int:
     out = export(a.source, a.target, a.output, precision=a.precision, force=a.force,
                  context_length=a.context_length, quiet=a.quiet, draft=a.draft, draft_precision=a.draft_precision,
                  requantize_gguf=a.requantize_gguf, draft_vocab=a.draft_vocab, vocab_texts=a.vocab_text,
+                 draft_keep_precision=a.draft_keep_precision,
                  chunk=a.chunk, calibration=a.calibration, ep_context=a.ep_context)
     print(out)
     if a.eval_text:

@@ -39,7 +39,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
            quiet: bool = False, draft: str | os.PathLike | None = None,
            draft_precision: str | None = None, requantize_gguf: bool = False,
            draft_vocab: int | None = None, vocab_texts: Sequence[str | os.PathLike] = (),
-           _record: bool = True, chunk: int | None = None, calibration: str | os.PathLike | None = None,
+           draft_keep_precision: bool = False, _draft: bool = False, _record: bool = True, chunk: int | None = None, calibration: str | os.PathLike | None = None,
            ep_context: bool | None = None) -> Path:
     """Export ``source`` (HF folder, hub id, .gguf or pkg:DIST) for ``target`` into the folder ``out``.
 
@@ -52,6 +52,11 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
 
     ``draft_vocab=N`` keeps only the N most frequent tokens (counted in ``vocab_texts``) in the
     lm_head of the draft (with ``draft``) or of this export, which can then only serve as a draft.
+
+    A draft from a GGUF (``draft``, or this export with ``draft_vocab``) is made for speed: its
+    5-8-bit tensors are quantized again to the profile's 4-bit blocks (its 4-bit ones are kept),
+    so a draft step reads fewer bytes; the target checks every token, so the output does not
+    change. ``draft_keep_precision=True`` keeps them at 8 bits, as a plain export would.
 
     Targets whose profile says ``recipe: static`` (qnn, openvino, coreml) get a fixed-shape
     prefill/decode pair (exporters/static.py): ``context_length`` is its context C, ``chunk`` its
@@ -106,6 +111,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         cache_key = export_cache.key(
             src.manifest(), profile.as_dict(),
             {"precision": precision, "context_length": context_length, "requantize_gguf": requantize_gguf,
+             "draft_bits": _draft_bits(draft_vocab, draft, draft_keep_precision, _draft),
              "draft": sources.resolve(draft).manifest() if draft is not None else None,
              "draft_precision": draft_precision, "draft_vocab": draft_vocab, "chunk": chunk,
              **({"ep_context": True} if ep_context else {})},
@@ -124,7 +130,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         work = Path(tempfile.mkdtemp(prefix=".edgesdk-work-", dir=out.parent))
         try:
             ep = profile.export.get("execution_provider", "cpu")
-            streamed = _stream_gguf(src, recipe, precision, requantize_gguf, profile, tmp, work, ep)
+            streamed = _stream_gguf(src, recipe, precision, requantize_gguf, profile, tmp, work, ep,
+                                    _draft_bits(draft_vocab, draft, draft_keep_precision, _draft))
             hf_streamed = None if streamed else _stream_hf(src, recipe, precision, profile, tmp, work, ep)
             float_graph = _stream_float(src, recipe, work) if not streamed else None
             hf_dir = streamed[0] if streamed else float_graph or sources.prepare(src, work)
@@ -159,7 +166,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         keep_logits = {} if recipe == "static" else logits.add_keep_input(tmp)
         if draft is not None:
             draft_entry = _bundle_draft(draft, profile.name, tmp, draft_precision or precision, context_length, quiet,
-                                        requantize_gguf, draft_vocab, vocab_texts)
+                                        requantize_gguf, draft_vocab, vocab_texts, draft_keep_precision)
             set_quiet(quiet)
         with stage("Writing the manifest"):
             builder.cap_context(tmp, context_length)
@@ -215,8 +222,14 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
     return out
 
 
+def _draft_bits(draft_vocab: int | None, draft, keep_precision: bool, is_draft: bool) -> int:
+    """The widest weights of this export: 4 for a speculative draft (a bundled one, or one whose
+    lm_head is restricted) unless asked to keep its precision, else 8."""
+    return 4 if (is_draft or (draft_vocab and draft is None)) and not keep_precision else 8
+
+
 def _stream_gguf(src: sources.Source, recipe: str, precision: str, requantize_gguf: bool, profile, folder: Path,
-                 work: Path, ep: str) -> tuple[Path, dict[str, Any]] | None:
+                 work: Path, ep: str, max_bits: int = 8) -> tuple[Path, dict[str, Any]] | None:
     """INT4 from a GGUF on a gguf_blocks profile: written tensor by tensor from the GGUF
     (exporters/gguf_stream.py), with no float copy of the model. None where that does not apply
     or cannot be done (said in one line): the caller dequantizes through transformers."""
@@ -226,7 +239,7 @@ def _stream_gguf(src: sources.Source, recipe: str, precision: str, requantize_gg
     from . import gguf_stream
 
     try:
-        return gguf_stream.export(src, folder, work, ep, builder.builder_options(precision, profile.export))
+        return gguf_stream.export(src, folder, work, ep, builder.builder_options(precision, profile.export), max_bits)
     except gguf_stream.Unsupported as e:
         _discard_stream(src, e, "dequantizing it through transformers instead", folder, work / "hf")
         return None
@@ -289,14 +302,15 @@ def _carry_gguf_blocks(src: sources.Source, hf_dir: Path, folder: Path) -> dict[
 
 def _bundle_draft(draft, target: str, folder: Path, precision: str, context_length: int | None,
                   quiet: bool, requantize_gguf: bool, draft_vocab: int | None,
-                  vocab_texts: Sequence[str | os.PathLike]) -> dict[str, Any]:
+                  vocab_texts: Sequence[str | os.PathLike], keep_precision: bool = False) -> dict[str, Any]:
     """Export the draft into folder/draft and check that it shares the target's tokenizer."""
     from ..runtime.speculative import check_tokenizers
     from ..runtime.tokenizer import Tokenizer
 
     say(f"==> Exporting the draft model {draft}")
     sub = export(draft, target, folder / "draft", precision=precision, context_length=context_length, quiet=quiet,
-                 requantize_gguf=requantize_gguf, draft_vocab=draft_vocab, vocab_texts=vocab_texts, _record=False)
+                 requantize_gguf=requantize_gguf, draft_vocab=draft_vocab, vocab_texts=vocab_texts,
+                 draft_keep_precision=keep_precision, _draft=True, _record=False)
     check_tokenizers(Tokenizer(folder), Tokenizer(sub), "the target", str(draft))
     made = artifact.read(sub, verify=False).manifest
     return {"path": "draft", "source": made["source"], "precision": precision}

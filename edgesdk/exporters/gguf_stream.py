@@ -339,15 +339,21 @@ class _Plan:
         return f"{op} {self.bits}-bit b{self.block}{extra}{src}"
 
 
-def _plan(parts: list, symmetric: bool, block_size: int) -> list[_Plan]:
-    """One plan per group of parts that can share a MatMulNBits (same method, bits, block)."""
+def _plan(parts: list, symmetric: bool, block_size: int, max_bits: int = 8) -> list[_Plan]:
+    """One plan per group of parts that can share a MatMulNBits (same method, bits, block).
+    ``max_bits=4`` (a speculative draft): every type wider than 4 bits is quantized again to 4
+    bits by MLAS from its exact values, the 4-bit types keep their blocks."""
     plans: list[_Plan] = []
     for t in parts:
         kind = t.tensor_type.name
         if len(t.shape) != 2:
             raise Unsupported(f"{t.name} is not a matrix")
         k, n = (int(s) for s in t.shape)
-        if kind == "Q6_K":  # 16-value sub-blocks: re-rounded onto 8-bit blocks of 32 (see above)
+        if max_bits == 4 and kind not in _FOUR_BIT:
+            p = _Plan([t], [kind], "mlas", 4, block_size, k, n, False, not symmetric)
+            if k % block_size:
+                raise Unsupported(f"{t.name}: K={k} is not a multiple of the block size {block_size}")
+        elif kind == "Q6_K":  # 16-value sub-blocks: re-rounded onto 8-bit blocks of 32 (see above)
             p = _Plan([t], [kind], "q8", 8, 32, k, n, False, False)
         elif kind in DECODERS:
             p = _Plan([t], [kind], "blocks", 4 if kind in _FOUR_BIT else 8, 32, k, n, kind in _AFFINE,
@@ -646,13 +652,16 @@ def _meta_model(src, work: Path):
     return hf_dir, config, meta, gg
 
 
-def export(src, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str]) -> tuple[Path, dict]:
+def export(src, out_dir: Path, work: Path, execution_provider: str, options: dict[str, str],
+           max_bits: int = 8) -> tuple[Path, dict]:
     """Write ``out_dir``'s model.onnx(.data), genai_config.json and tokenizer files from the GGUF
-    ``src``. Returns the temporary HF folder (config, tokenizer) and the quantization report."""
+    ``src``. Returns the temporary HF folder (config, tokenizer) and the quantization report.
+    ``max_bits=4``: a speculative draft, its wider types quantized again to 4 bits (see _plan)."""
     hf_dir, config, meta, gg = _meta_model(src, work)
     with stage(f"Building the graph for {execution_provider} with onnxruntime-genai's model builder"), \
             ticking("building"):
         captured = build_graph(meta, hf_dir, out_dir, work, execution_provider, options)
+    captured["max_bits"] = max_bits
     report = Report()
     model = captured.pop("model")
     weights = _rewrite(model, gg, config, captured, report)
@@ -912,7 +921,7 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
         modules = _hf_modules(wname[: -len(".MatMul.weight")])
         parts = gg.merged([gg.tensor(f"{m}.weight") for m in modules])
         k, n_total = (int(d) for d in n.inputs[1].const_value.shape)
-        plans = _plan(parts, settings["symmetric"], settings["block_size"])
+        plans = _plan(parts, settings["symmetric"], settings["block_size"], settings.get("max_bits", 8))
         if wname == "lm_head.MatMul.weight" and len(plans) == 1 and plans[0].residual:
             # the logits take lm_head's rounding errors as they are: its offsets stay exact floats
             plans[0].float_residual = True
@@ -957,7 +966,7 @@ def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, se
     import onnx_ir as ir
 
     t = gg.tensor("model.embed_tokens.weight")
-    (plan,) = _plan([t], settings["symmetric"], settings["block_size"])
+    (plan,) = _plan([t], settings["symmetric"], settings["block_size"], settings.get("max_bits", 8))
     ids = gather.inputs[1]
     nb = plan.k // plan.block
     shared = lm_plan is not None and lm_plan.parts == [t] and not lm_plan.k_extra
