@@ -469,7 +469,14 @@ def test_draft_takes_4bit_weights(tiny_gguf, tmp_path, monkeypatch):
     assert got_r.speculative["proposed"] > 0
     assert got_r.token_ids == want.token_ids
 
-    kept = edgesdk.export(tiny_gguf, "cpu", tmp_path / "kept", quiet=True, draft=tiny_gguf, draft_keep_precision=True)
+    from conftest import assert_one_line_error, run_cli
+
+    kept = tmp_path / "kept"
+    r = run_cli("export", str(tiny_gguf), "-o", str(kept), "-q", "--draft", str(tiny_gguf), "--draft-keep-precision")
+    assert r.returncode == 0, r.stderr
     assert _matmul_bits(kept / "draft") == {4, 8}
+    assert_one_line_error(run_cli("export", str(tiny_gguf), "-o", str(tmp_path / "none"), "--draft-keep-precision"),
+                          "--draft-keep-precision applies to a draft")
+    assert not (tmp_path / "none").exists()
     alone = edgesdk.export(tiny_gguf, "cpu", tmp_path / "alone", quiet=True, draft_vocab=200)
     assert _matmul_bits(alone) == {4}

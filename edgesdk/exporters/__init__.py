@@ -39,7 +39,8 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
            quiet: bool = False, draft: str | os.PathLike | None = None,
            draft_precision: str | None = None, requantize_gguf: bool = False,
            draft_vocab: int | None = None, vocab_texts: Sequence[str | os.PathLike] = (),
-           draft_keep_precision: bool = False, _draft: bool = False, _record: bool = True, chunk: int | None = None, calibration: str | os.PathLike | None = None,
+           draft_keep_precision: bool = False, _draft: bool = False, _record: bool = True,
+           chunk: int | None = None, calibration: str | os.PathLike | None = None,
            ep_context: bool | None = None) -> Path:
     """Export ``source`` (HF folder, hub id, .gguf or pkg:DIST) for ``target`` into the folder ``out``.
 
@@ -97,6 +98,9 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         raise InvalidArgumentError(f"context_length={context_length} is invalid: it must be at least 2")
     if draft_vocab is not None and draft_vocab < 1:
         raise InvalidArgumentError(f"--draft-vocab {draft_vocab} is invalid: it must be a positive token count")
+    if draft_keep_precision and not (draft is not None or draft_vocab or _draft):
+        raise InvalidArgumentError("--draft-keep-precision applies to a draft: use it with --draft or --draft-vocab")
+    draft_bits = _draft_bits(draft_vocab, draft, draft_keep_precision, _draft)
     for t in vocab_texts:
         if not Path(t).is_file():
             raise InvalidArgumentError(f"vocabulary text {t} does not exist")
@@ -111,7 +115,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         cache_key = export_cache.key(
             src.manifest(), profile.as_dict(),
             {"precision": precision, "context_length": context_length, "requantize_gguf": requantize_gguf,
-             "draft_bits": _draft_bits(draft_vocab, draft, draft_keep_precision, _draft),
+             "draft_bits": draft_bits,
              "draft": sources.resolve(draft).manifest() if draft is not None else None,
              "draft_precision": draft_precision, "draft_vocab": draft_vocab, "chunk": chunk,
              **({"ep_context": True} if ep_context else {})},
@@ -130,8 +134,7 @@ def export(source: str | os.PathLike, target: str = "cpu", out: str | os.PathLik
         work = Path(tempfile.mkdtemp(prefix=".edgesdk-work-", dir=out.parent))
         try:
             ep = profile.export.get("execution_provider", "cpu")
-            streamed = _stream_gguf(src, recipe, precision, requantize_gguf, profile, tmp, work, ep,
-                                    _draft_bits(draft_vocab, draft, draft_keep_precision, _draft))
+            streamed = _stream_gguf(src, recipe, precision, requantize_gguf, profile, tmp, work, ep, draft_bits)
             hf_streamed = None if streamed else _stream_hf(src, recipe, precision, profile, tmp, work, ep)
             float_graph = _stream_float(src, recipe, work) if not streamed else None
             hf_dir = streamed[0] if streamed else float_graph or sources.prepare(src, work)

@@ -349,17 +349,15 @@ def _plan(parts: list, symmetric: bool, block_size: int, max_bits: int = 8) -> l
         if len(t.shape) != 2:
             raise Unsupported(f"{t.name} is not a matrix")
         k, n = (int(s) for s in t.shape)
-        if max_bits == 4 and kind not in _FOUR_BIT:
-            p = _Plan([t], [kind], "mlas", 4, block_size, k, n, False, not symmetric)
-            if k % block_size:
-                raise Unsupported(f"{t.name}: K={k} is not a multiple of the block size {block_size}")
-        elif kind == "Q6_K":  # 16-value sub-blocks: re-rounded onto 8-bit blocks of 32 (see above)
+        draft = max_bits == 4 and kind not in _FOUR_BIT  # quantized again to 4 bits below
+        if kind == "Q6_K" and not draft:  # 16-value sub-blocks: re-rounded onto 8-bit blocks of 32 (see above)
             p = _Plan([t], [kind], "q8", 8, 32, k, n, False, False)
-        elif kind in DECODERS:
+        elif kind in DECODERS and not draft:
             p = _Plan([t], [kind], "blocks", 4 if kind in _FOUR_BIT else 8, 32, k, n, kind in _AFFINE,
                       kind not in _CENTERED)
         else:
-            p = _Plan([t], [kind], "mlas", 8 if kind.startswith(_WIDE) else 4, block_size, k, n, False, not symmetric)
+            bits = 8 if kind.startswith(_WIDE) and not draft else 4
+            p = _Plan([t], [kind], "mlas", bits, block_size, k, n, False, not symmetric)
             if k % block_size:
                 raise Unsupported(f"{t.name}: K={k} is not a multiple of the block size {block_size}")
         last = plans[-1] if plans else None
@@ -921,7 +919,7 @@ def _rewrite(model, gg: _Gguf, config, settings: dict, report: Report) -> "_Weig
         modules = _hf_modules(wname[: -len(".MatMul.weight")])
         parts = gg.merged([gg.tensor(f"{m}.weight") for m in modules])
         k, n_total = (int(d) for d in n.inputs[1].const_value.shape)
-        plans = _plan(parts, settings["symmetric"], settings["block_size"], settings.get("max_bits", 8))
+        plans = _plan(parts, settings["symmetric"], settings["block_size"], settings["max_bits"])
         if wname == "lm_head.MatMul.weight" and len(plans) == 1 and plans[0].residual:
             # the logits take lm_head's rounding errors as they are: its offsets stay exact floats
             plans[0].float_residual = True
@@ -966,7 +964,7 @@ def _embedding(graph, gather, gg: _Gguf, lm_plan, lm_base, weights: _Weights, se
     import onnx_ir as ir
 
     t = gg.tensor("model.embed_tokens.weight")
-    (plan,) = _plan([t], settings["symmetric"], settings["block_size"], settings.get("max_bits", 8))
+    (plan,) = _plan([t], settings["symmetric"], settings["block_size"], settings["max_bits"])
     ids = gather.inputs[1]
     nb = plan.k // plan.block
     shared = lm_plan is not None and lm_plan.parts == [t] and not lm_plan.k_extra
